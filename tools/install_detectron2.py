@@ -184,7 +184,9 @@ def patch_fallback_tree(root: Path) -> int:
     setup_py = root / "setup.py"
     text = setup_py.read_text()
     text, n_ext = re.subn(r"ext_modules=get_extensions\(\),", "ext_modules=[],", text)
-    text, n_req = re.subn(r"install_requires=\[.*?\n    \],", "install_requires=[],", text, flags=re.S)
+    text, n_req = re.subn(
+        r"install_requires=\[.*?\n    \],", "install_requires=[],", text, flags=re.S
+    )
     if n_ext != 1 or n_req != 1:
         raise RuntimeError(f"unexpected setup.py layout in {setup_py}: the patch did not apply")
     setup_py.write_text(text)

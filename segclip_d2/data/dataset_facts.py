@@ -46,7 +46,9 @@ class DatasetFacts:
 
     def __post_init__(self):
         if len(self.classes) != len(self.colors):
-            raise ValueError(f"{self.key}: {len(self.classes)} classes but {len(self.colors)} colours")
+            raise ValueError(
+                f"{self.key}: {len(self.classes)} classes but {len(self.colors)} colours"
+            )
         if self.raw_encoding not in ("index", "rgb"):
             raise ValueError(f"{self.key}: unknown raw encoding {self.raw_encoding!r}")
 
@@ -149,7 +151,9 @@ LOVEDA = DatasetFacts(
     raw_encoding="index",
     # 0 is no-data; 1..7 are the classes.
     raw_to_train={0: IGNORE_LABEL, **{i + 1: i for i in range(7)}},
-    prepare_command="python datasets/prepare_loveda.py --src RAW_LOVEDA_DIR --dst $DETECTRON2_DATASETS",
+    prepare_command=(
+        "python datasets/prepare_loveda.py --src RAW_LOVEDA_DIR --dst $DETECTRON2_DATASETS"
+    ),
 )
 
 ISAID = DatasetFacts(
@@ -193,7 +197,9 @@ ISAID = DatasetFacts(
         (0, 100, 155),
     ),
     raw_encoding="rgb",
-    prepare_command="python datasets/prepare_isaid.py --src RAW_ISAID_DIR --dst $DETECTRON2_DATASETS",
+    prepare_command=(
+        "python datasets/prepare_isaid.py --src RAW_ISAID_DIR --dst $DETECTRON2_DATASETS"
+    ),
 )
 
 UAVID = DatasetFacts(
@@ -220,7 +226,9 @@ UAVID = DatasetFacts(
         (64, 64, 0),
     ),
     raw_encoding="rgb",
-    prepare_command="python datasets/prepare_uavid.py --src RAW_UAVID_DIR --dst $DETECTRON2_DATASETS",
+    prepare_command=(
+        "python datasets/prepare_uavid.py --src RAW_UAVID_DIR --dst $DETECTRON2_DATASETS"
+    ),
 )
 
 # The built-in synthetic aerial set uses LoveDA's classes, colours and raw encoding.
