@@ -1,0 +1,377 @@
+"""Mask2Former's multi-scale deformable-attention pixel decoder.
+
+Backbone ``res3..res5`` -> 1x1 projections to ``CONVS_DIM`` -> ``ENC_LAYERS`` deformable-attention
+encoder layers over the three levels together -> three refined maps (strides 32, 16, 8); an
+FPN step adds the (laterally projected) ``res2`` to the upsampled stride-8 map and a 3x3 conv +
+a 3x3 mask projection give the per-pixel mask features at stride 4.
+"""
+
+import logging
+import math
+
+import fvcore.nn.weight_init as weight_init
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from torch import nn
+
+from segclip_d2.layers import MSDeformAttn
+
+from ..transformer_decoder.position_encoding import PositionEmbeddingSine
+from .build import PIXEL_DECODER_REGISTRY
+
+logger = logging.getLogger(__name__)
+
+
+def make_norm(norm: str, channels: int) -> nn.Module | None:
+    """Normalisation layer by name. "GN" is GroupNorm with ``gcd(32, channels)`` groups, so tiny
+    test widths (e.g. 16 or 24 channels) work; other names go to detectron2's ``get_norm``."""
+    if norm == "GN":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    return get_norm(norm, channels)
+
+
+class MSDeformAttnEncoderLayer(nn.Module):
+    """Deformable self-attention over all levels + FFN, each with residual and post-norm."""
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        n_levels: int = 3,
+        n_heads: int = 8,
+        n_points: int = 4,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=impl)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """src, pos: (B, S, C); reference_points: (B, S, L, 2); padding_mask: (B, S) or None."""
+        attn = self.self_attn(
+            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
+        )
+        src = self.norm1(src + self.dropout1(attn))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout3(ffn))
+
+
+class MSDeformAttnEncoder(nn.Module):
+    """Stack of deformable-attention encoder layers over ``num_levels`` flattened maps, with a
+    learnable embedding per level added to the sine positional encoding."""
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        nhead: int = 8,
+        num_layers: int = 6,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        num_levels: int = 3,
+        n_points: int = 4,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        self.d_model = d_model
+        self.num_levels = num_levels
+        self.layers = nn.ModuleList(
+            MSDeformAttnEncoderLayer(
+                d_model, dim_feedforward, dropout, num_levels, nhead, n_points, impl
+            )
+            for _ in range(num_layers)
+        )
+        self.level_embed = nn.Parameter(torch.empty(num_levels, d_model))
+        nn.init.normal_(self.level_embed)
+        for p in self.parameters():
+            if p.dim() > 1 and p is not self.level_embed:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m._reset_parameters()
+
+    @staticmethod
+    def valid_ratios(mask: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) bool padding mask -> (B, 2) valid fraction as (x, y)."""
+        _, h, w = mask.shape
+        valid_h = (~mask[:, :, 0]).sum(1).float()
+        valid_w = (~mask[:, 0, :]).sum(1).float()
+        return torch.stack([valid_w / w, valid_h / h], -1)
+
+    @staticmethod
+    def reference_points(
+        spatial_shapes: list[tuple[int, int]], valid_ratios: torch.Tensor, device
+    ) -> torch.Tensor:
+        """Pixel centres of every level normalised by each level's valid extent.
+
+        Args:
+            spatial_shapes: [(H_l, W_l)] per level.
+            valid_ratios: (B, L, 2) as (x, y).
+        Returns:
+            (B, S, L, 2) reference points (x, y) for every level.
+        """
+        refs = []
+        for lvl, (h, w) in enumerate(spatial_shapes):
+            ref_y, ref_x = torch.meshgrid(
+                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
+                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+                indexing="ij",
+            )
+            ref_y = ref_y.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * h)  # (B, h*w)
+            ref_x = ref_x.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * w)
+            refs.append(torch.stack((ref_x, ref_y), -1))  # (B, h*w, 2)
+        ref = torch.cat(refs, 1)  # (B, S, 2)
+        return ref[:, :, None] * valid_ratios[:, None]  # (B, S, L, 2)
+
+    def forward(
+        self,
+        srcs: list[torch.Tensor],
+        pos_embeds: list[torch.Tensor],
+        masks: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """
+        Args:
+            srcs: L maps (B, C, H_l, W_l), coarsest first.
+            pos_embeds: L positional encodings (B, C, H_l, W_l).
+            masks: L bool padding masks (B, H_l, W_l), True = padded.
+        Returns:
+            memory (B, S, C) with S = sum_l H_l * W_l, and the [(H_l, W_l)] of every level.
+        """
+        if not (len(srcs) == len(pos_embeds) == len(masks) == self.num_levels):
+            raise ValueError(
+                f"MSDeformAttnEncoder expects {self.num_levels} levels, got {len(srcs)} maps, "
+                f"{len(pos_embeds)} encodings and {len(masks)} masks"
+            )
+        shapes = [(int(s.shape[2]), int(s.shape[3])) for s in srcs]
+        src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, C)
+        pos_flat = torch.cat(
+            [
+                p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
+                for lvl, p in enumerate(pos_embeds)
+            ],
+            1,
+        )  # (B, S, C)
+        mask_flat = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)
+        level_start_index = torch.cat(
+            (
+                spatial_shapes.new_zeros(1),
+                (spatial_shapes[:, 0] * spatial_shapes[:, 1]).cumsum(0)[:-1],
+            )
+        )
+        valid_ratios = torch.stack([self.valid_ratios(m) for m in masks], 1)  # (B, L, 2)
+        reference_points = self.reference_points(shapes, valid_ratios, src_flat.device)
+        reference_points = reference_points.to(src_flat.dtype)
+        padding_mask = mask_flat if bool(mask_flat.any()) else None
+
+        out = src_flat
+        for layer in self.layers:
+            out = layer(
+                out, pos_flat, reference_points, spatial_shapes, level_start_index, padding_mask
+            )
+        return out, shapes
+
+
+@PIXEL_DECODER_REGISTRY.register()
+class MSDeformAttnPixelDecoder(nn.Module):
+    """Deformable-attention encoder over the coarse levels + FPN step to stride ``common_stride``.
+
+    ``forward(features, padding_mask=None)``:
+        features: backbone outputs, e.g. {"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32,
+            W/32)}.
+        padding_mask: (B, H, W) bool at the padded image size, True on padding; None = no padding.
+    returns ``(mask_features (B, mask_dim, H/4, W/4), multi_scale_features)`` where
+    ``multi_scale_features`` = [(B, conv_dim, H/32, W/32), (.., H/16, ..), (.., H/8, ..)].
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: dict[str, ShapeSpec],
+        *,
+        transformer_in_features: list[str],
+        conv_dim: int,
+        mask_dim: int,
+        norm: str = "GN",
+        transformer_dropout: float = 0.0,
+        transformer_nheads: int = 8,
+        transformer_dim_feedforward: int = 1024,
+        transformer_enc_layers: int = 6,
+        n_points: int = 4,
+        common_stride: int = 4,
+        msda_impl: str = "auto",
+    ):
+        """
+        Args:
+            input_shape: ShapeSpec of every backbone feature the decoder reads.
+            transformer_in_features: features refined by the deformable encoder (e.g. res3..res5).
+            conv_dim: channels of the decoder.
+            mask_dim: channels of the mask features.
+            norm: normalisation of the convolutions ("GN", "BN", "" ...).
+            transformer_*: deformable encoder settings.
+            n_points: sampling points per head and level.
+            common_stride: stride of the mask features.
+            msda_impl: MSDeformAttn implementation ("auto", "cpp", "pytorch").
+        """
+        super().__init__()
+        missing = [f for f in transformer_in_features if f not in input_shape]
+        if missing:
+            raise ValueError(
+                f"MSDeformAttnPixelDecoder: features {missing} are not among the decoder's "
+                f"inputs {sorted(input_shape)}"
+            )
+        # all inputs sorted fine -> coarse
+        shapes = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
+        self.in_features = [k for k, _ in shapes]
+        # encoder levels coarse -> fine (stride 32, 16, 8)
+        enc = sorted(
+            ((k, v) for k, v in shapes if k in transformer_in_features),
+            key=lambda kv: -kv[1].stride,
+        )
+        self.transformer_in_features = [k for k, _ in enc]
+        self.transformer_strides = [v.stride for _, v in enc]
+        self.num_levels = len(enc)
+        self.common_stride = common_stride
+        self.conv_dim = conv_dim
+        self.mask_dim = mask_dim
+
+        self.input_proj = nn.ModuleList()
+        for _, spec in enc:
+            proj = nn.Sequential(
+                nn.Conv2d(spec.channels, conv_dim, kernel_size=1),
+                make_norm("GN", conv_dim),
+            )
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.constant_(proj[0].bias, 0)
+            self.input_proj.append(proj)
+
+        self.transformer = MSDeformAttnEncoder(
+            d_model=conv_dim,
+            nhead=transformer_nheads,
+            num_layers=transformer_enc_layers,
+            dim_feedforward=transformer_dim_feedforward,
+            dropout=transformer_dropout,
+            num_levels=self.num_levels,
+            n_points=n_points,
+            impl=msda_impl,
+        )
+        self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
+
+        # FPN over the finer features (stride < the finest encoder level, >= common_stride),
+        # processed coarse -> fine.
+        min_enc_stride = min(self.transformer_strides)
+        fpn = [(k, v) for k, v in reversed(shapes) if common_stride <= v.stride < min_enc_stride]
+        expected = int(math.log2(min_enc_stride) - math.log2(common_stride))
+        if len(fpn) != expected:
+            raise ValueError(
+                f"MSDeformAttnPixelDecoder: need one input per stride between common_stride "
+                f"{common_stride} and {min_enc_stride}, got {[k for k, _ in fpn]}"
+            )
+        self.fpn_features = [k for k, _ in fpn]
+        use_bias = norm == ""
+        self.lateral_convs = nn.ModuleList()
+        self.output_convs = nn.ModuleList()
+        for _, spec in fpn:
+            lateral = Conv2d(
+                spec.channels,
+                conv_dim,
+                kernel_size=1,
+                bias=use_bias,
+                norm=make_norm(norm, conv_dim),
+            )
+            output = Conv2d(
+                conv_dim,
+                conv_dim,
+                kernel_size=3,
+                padding=1,
+                bias=use_bias,
+                norm=make_norm(norm, conv_dim),
+                activation=F.relu,
+            )
+            weight_init.c2_xavier_fill(lateral)
+            weight_init.c2_xavier_fill(output)
+            self.lateral_convs.append(lateral)
+            self.output_convs.append(output)
+        self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=3, padding=1)
+        weight_init.c2_xavier_fill(self.mask_features)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
+        pd = cfg.MODEL.SEGCLIP.PIXEL_DECODER
+        missing = [f for f in pd.IN_FEATURES if f not in input_shape]
+        if missing:
+            raise ValueError(
+                f"MODEL.SEGCLIP.PIXEL_DECODER.IN_FEATURES {list(pd.IN_FEATURES)}: the backbone "
+                f"has no {missing} (it outputs {sorted(input_shape)})"
+            )
+        return {
+            "input_shape": {k: v for k, v in input_shape.items() if k in pd.IN_FEATURES},
+            "transformer_in_features": list(pd.DEFORM_ATTN_IN_FEATURES),
+            "conv_dim": pd.CONVS_DIM,
+            "mask_dim": cfg.MODEL.SEGCLIP.MASK_DIM,
+            "norm": pd.NORM,
+            "transformer_dropout": cfg.MODEL.SEGCLIP.DROPOUT,
+            "transformer_nheads": cfg.MODEL.SEGCLIP.NHEADS,
+            "transformer_dim_feedforward": pd.DIM_FEEDFORWARD,
+            "transformer_enc_layers": pd.ENC_LAYERS,
+            "n_points": pd.N_POINTS,
+            "common_stride": pd.COMMON_STRIDE,
+            "msda_impl": cfg.MODEL.SEGCLIP.MSDA_IMPL,
+        }
+
+    def forward(
+        self, features: dict[str, torch.Tensor], padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        missing = [f for f in self.in_features if f not in features]
+        if missing:
+            raise ValueError(f"MSDeformAttnPixelDecoder: backbone features {missing} missing")
+        srcs, pos, masks = [], [], []
+        for lvl, name in enumerate(self.transformer_in_features):
+            x = self.input_proj[lvl](features[name])  # (B, C, h, w)
+            b, _, h, w = x.shape
+            if padding_mask is None:
+                m = torch.zeros((b, h, w), dtype=torch.bool, device=x.device)
+            else:
+                if padding_mask.dim() != 3 or padding_mask.shape[0] != b:
+                    raise ValueError(
+                        f"MSDeformAttnPixelDecoder: padding_mask must be (B={b}, H, W), got "
+                        f"{tuple(padding_mask.shape)}"
+                    )
+                m = F.interpolate(padding_mask[:, None].float(), size=(h, w), mode="nearest")
+                m = m[:, 0].bool()  # (B, h, w)
+            srcs.append(x)
+            masks.append(m)
+            pos.append(self.pe_layer(x, m))
+
+        memory, shapes = self.transformer(srcs, pos, masks)  # (B, S, C)
+        b = memory.shape[0]
+        outs = [
+            y.transpose(1, 2).reshape(b, self.conv_dim, h, w)
+            for y, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes)
+        ]  # coarse -> fine
+
+        y = outs[-1]
+        for name, lateral_conv, output_conv in zip(
+            self.fpn_features, self.lateral_convs, self.output_convs
+        ):
+            lat = lateral_conv(features[name])
+            y = lat + F.interpolate(y, size=lat.shape[-2:], mode="bilinear", align_corners=False)
+            y = output_conv(y)
+        mask_features = self.mask_features(y)  # (B, mask_dim, H/4, W/4)
+        return mask_features, outs
