@@ -104,6 +104,10 @@ def add_segclip_config(cfg):
     cfg.MODEL.CLIP_RESNET.FREEZE_AT = 0
     # Outputs of the backbone.
     cfg.MODEL.CLIP_RESNET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Normalisation: "FrozenBN" (fixed affine), "BN" (trainable) or "SyncBN" (multi-GPU only).
+    cfg.MODEL.CLIP_RESNET.NORM = "FrozenBN"
+    # Fail (True) instead of warning and using random init when the image weights are missing.
+    cfg.MODEL.CLIP_RESNET.REQUIRE_PRETRAINED = False
 
     # ------------------------------------------------------------------ input / data
     # Registered dataset mapper used for training (see segclip_d2.data.mapper).
