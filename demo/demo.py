@@ -1,0 +1,290 @@
+#!/usr/bin/env python
+"""SegCLIP demo: predict class maps of aerial images and GeoTIFFs of any size.
+
+    python demo/demo.py --config-file configs/loveda/segclip_R50.yaml \\
+        --input tile.png folder/ "scenes/*.tif" --output out/ \\
+        [--tta] [--precision fp32|bf16|fp16] [--classes road,water,forest] [--bands 3,2,1] \\
+        [--opts MODEL.WEIGHTS model_final.pth TEST.MODE slide]
+
+Outputs in ``--output``, per input ``<stem>``:
+
+- ``<stem>_pred.png``: class ids (uint8, 255 = no data), full resolution (ordinary images);
+- ``<stem>_color.png``: the class map in the dataset palette;
+- ``<stem>_overlay.png``: the colour map blended over the image;
+- ``<stem>_pred.tif`` (GeoTIFF inputs, instead of ``_pred.png``): class ids with the input's CRS
+  and transform, nodata 255 for the input's no-data pixels, and a colour table; written window
+  by window. For GeoTIFFs ``_color.png``/``_overlay.png`` are previews of at most
+  ``--preview-size`` pixels on the long side;
+
+and one ``legend.png`` per run (class id, colour and name of the vocabulary used).
+
+Large inputs are predicted in blocks of ``--block-size`` pixels with ``--block-margin`` pixels of
+context; each block goes through the configured ``SegInferencer`` (``TEST.MODE`` whole or slide,
+TTA, precision). Inputs that cannot be read are reported and skipped; the exit code is 1 when
+any input failed, 2 for a bad command line or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("segclip_d2.demo")
+
+# Errors that make one input fail without stopping the others.
+_INPUT_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="SegCLIP demo on images and GeoTIFFs")
+    p.add_argument("--config-file", required=True, metavar="FILE", help="model config (YAML)")
+    p.add_argument(
+        "--input", nargs="+", required=True, help="image files, folders or glob patterns"
+    )
+    p.add_argument("--output", required=True, help="output folder (created if missing)")
+    p.add_argument(
+        "--classes",
+        default="",
+        help="comma-separated custom vocabulary (needs MODEL.SEGCLIP.CLASS_HEAD text)",
+    )
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (TEST.TTA.*)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help="inference precision (TEST.PRECISION); fp16 on CPU falls back to bf16",
+    )
+    p.add_argument("--bands", default="", help="1-based bands used as R,G,B, e.g. 3,2,1")
+    p.add_argument("--block-size", type=int, default=1024, help="pixels per block (default 1024)")
+    p.add_argument(
+        "--block-margin", type=int, default=128, help="context pixels around each block (128)"
+    )
+    p.add_argument(
+        "--preview-size", type=int, default=2048, help="long side of GeoTIFF previews (2048)"
+    )
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--opts",
+        default=[],
+        nargs=argparse.REMAINDER,
+        help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS model_final.pth",
+    )
+    return p
+
+
+def setup_cfg(args):
+    from detectron2.config import get_cfg
+
+    from segclip_d2 import add_segclip_config
+
+    cfg = get_cfg()
+    add_segclip_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if args.tta:
+        cfg.TEST.TTA.ENABLED = True
+    if args.precision:
+        cfg.TEST.PRECISION = args.precision
+    cfg.freeze()
+    return cfg
+
+
+def expand_inputs(patterns) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files of ``patterns`` (files, folders, globs), in order, without duplicates; and
+    ``(pattern, reason)`` for patterns that match nothing."""
+    from segclip_d2.inference.io import IMAGE_EXTS
+
+    files: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for pat in patterns:
+        p = Path(pat)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+            if not found:
+                missing.append((pat, f"folder has no image files ({', '.join(IMAGE_EXTS)})"))
+        elif p.exists():
+            found = [p]
+        elif glob.has_magic(pat):
+            found = sorted(Path(f) for f in glob.glob(pat, recursive=True) if Path(f).is_file())
+            if not found:
+                missing.append((pat, "pattern matches no file"))
+        else:
+            found = []
+            missing.append((pat, "no such file or folder"))
+        for f in found:
+            if f not in files:
+                files.append(f)
+    return files, missing
+
+
+def dataset_vocabulary(cfg) -> tuple[list[str], list[tuple[int, int, int]]]:
+    """Class names and colours of the config's dataset (metadata from dataset_facts)."""
+    from detectron2.data import MetadataCatalog
+
+    names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
+    if not names:
+        raise ValueError("the config names no dataset (DATASETS.TEST / DATASETS.TRAIN)")
+    meta = MetadataCatalog.get(names[0])
+    classes = meta.get("stuff_classes", None)
+    colors = meta.get("stuff_colors", None)
+    if not classes or not colors:
+        raise ValueError(f"dataset {names[0]!r} is not registered or has no classes/colours")
+    return list(classes), [tuple(int(v) for v in c) for c in colors]
+
+
+def build_predictor(cfg):
+    """The model in eval mode (weights from MODEL.WEIGHTS when set) and its inferencer."""
+    import torch  # noqa: F401
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    import segclip_d2.modeling  # noqa: F401  (registers SegCLIP)
+    from segclip_d2.inference import SegInferencer
+
+    model = build_model(cfg)
+    model.eval()
+    if cfg.MODEL.WEIGHTS:
+        if not os.path.isfile(cfg.MODEL.WEIGHTS):
+            raise FileNotFoundError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: no such file")
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    else:
+        logger.warning("MODEL.WEIGHTS is empty: the model is randomly initialised")
+    inferencer = getattr(model, "inferencer", None) or SegInferencer(cfg)
+    return model, inferencer
+
+
+def process_input(path: Path, stem: str, out_dir: Path, predictor, colors, args) -> str:
+    """Predict one input and write its outputs; returns a one-line summary."""
+    from segclip_d2.inference.io import GeoTiffWriter, open_source, parse_bands, write_png
+    from segclip_d2.inference.pipeline import IdArraySink, PreviewSink, predict_source
+    from segclip_d2.inference.visualize import colorize, overlay
+
+    t0 = time.perf_counter()
+    src = open_source(path, parse_bands(args.bands))
+    try:
+        kw = dict(
+            block_size=args.block_size, margin=args.block_margin, progress=not args.no_progress
+        )
+        if src.is_geotiff:
+            writer = GeoTiffWriter(
+                out_dir / f"{stem}_pred.tif",
+                src.height,
+                src.width,
+                src.crs,
+                src.transform,
+                colors,
+                nodata_value=255,
+            )
+            preview = PreviewSink(src.height, src.width, args.preview_size)
+            ok = False
+            try:
+                n = predict_source(src, predictor, [writer, preview], **kw)
+                ok = True
+            finally:
+                writer.close(ok)
+            ids, rgb = preview.ids, preview.rgb
+            written = [f"{stem}_pred.tif"]
+        else:
+            sink = IdArraySink(src.height, src.width)
+            n = predict_source(src, predictor, [sink], **kw)
+            ids, rgb = sink.ids, src.rgb
+            write_png(out_dir / f"{stem}_pred.png", ids)
+            written = [f"{stem}_pred.png"]
+        color = colorize(ids, colors)
+        write_png(out_dir / f"{stem}_color.png", color)
+        write_png(out_dir / f"{stem}_overlay.png", overlay(rgb, color, ids, args.alpha))
+        written += [f"{stem}_color.png", f"{stem}_overlay.png"]
+    finally:
+        src.close()
+    dt = time.perf_counter() - t0
+    return f"{path}: {src.height}x{src.width}, {n} block(s), {dt:.1f} s -> {', '.join(written)}"
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+
+    from segclip_d2.inference.io import parse_bands, write_png
+    from segclip_d2.inference.visualize import draw_legend, vocabulary_colors
+
+    try:
+        parse_bands(args.bands)
+        cfg = setup_cfg(args)
+        classes, colors = dataset_vocabulary(cfg)
+        custom = [c.strip() for c in args.classes.split(",") if c.strip()]
+        if custom and cfg.MODEL.SEGCLIP.CLASS_HEAD != "text":
+            raise ValueError(
+                f"--classes needs a model with the text-similarity class head "
+                f"(MODEL.SEGCLIP.CLASS_HEAD text); {args.config_file} uses "
+                f"{cfg.MODEL.SEGCLIP.CLASS_HEAD!r}, whose classifier is fixed to the "
+                f"{len(classes)} training classes"
+            )
+        if args.block_size <= 0 or args.block_margin < 0 or args.preview_size <= 0:
+            raise ValueError("--block-size and --preview-size must be > 0, --block-margin >= 0")
+    except (ValueError, KeyError, OSError) as e:
+        logger.error("%s", e)
+        return 2
+
+    files, missing = expand_inputs(args.input)
+    failures = [(str(p), why) for p, why in missing]
+    for p, why in missing:
+        logger.error("input %s: %s", p, why)
+
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        model, inferencer = build_predictor(cfg)
+        if custom:
+            model.set_vocabulary(custom)
+            colors = vocabulary_colors(custom, classes, colors)
+            classes = custom
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        logger.error("cannot build the model: %s", e)
+        return 2
+    logger.info("inference: %s", inferencer)
+
+    from segclip_d2.inference.pipeline import ClassPredictor
+
+    predictor = ClassPredictor(model.predict_sem_seg_probs, inferencer, cfg.MODEL.DEVICE)
+    write_png(
+        out_dir / "legend.png", draw_legend(classes, colors, title=Path(args.config_file).stem)
+    )
+
+    used_stems: dict[str, int] = {}
+    n_ok = 0
+    iterator = files
+    if not args.no_progress and len(files) > 1:
+        from tqdm import tqdm
+
+        iterator = tqdm(files, desc="inputs", unit="file")
+    for path in iterator:
+        stem = path.stem
+        if stem in used_stems:
+            used_stems[stem] += 1
+            stem = f"{stem}_{used_stems[path.stem]}"
+            logger.warning("%s: output name already used in this run, writing %s_*", path, stem)
+        else:
+            used_stems[stem] = 0
+        try:
+            logger.info("%s", process_input(path, stem, out_dir, predictor, colors, args))
+            n_ok += 1
+        except _INPUT_ERRORS as e:
+            msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+            logger.error("failed: %s", msg)
+            failures.append((str(path), str(e)))
+    logger.info("%d input(s) done, %d failed; outputs in %s", n_ok, len(failures), out_dir)
+    for p, why in failures:
+        logger.info("  failed: %s (%s)", p, why)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Reading images and rasters for inference, and writing predictions atomically.
+
+Two sources share one interface (``height``, ``width``, ``read(y, x, h, w)``):
+
+- :class:`ArraySource` for ordinary image files (PNG, JPEG, BMP, ...), decoded at once with OpenCV;
+- :class:`GeoTiffSource` for ``.tif``/``.tiff`` rasters, read window by window with rasterio so
+  memory does not grow with the raster.
+
+Band handling (both sources):
+
+- 3 bands -> used as RGB; 4 bands with an alpha band (RGBA) -> RGB, alpha 0 = no-data;
+  rasters whose bands are tagged red/green/blue use those.
+- 1 band (grayscale) -> replicated to 3 channels with a warning (the model was trained on RGB).
+- any other band count -> an error asking for ``bands=(r, g, b)`` (1-based, ``--bands 3,2,1``).
+- 8-bit data is used as is. Any other data type (16-bit, 32-bit, float) is stretched per band
+  from its 2nd..98th percentile to 0..255; the percentiles are computed once per raster (from a
+  decimated read for GeoTIFFs, excluding no-data) so every window uses the same stretch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+GEOTIFF_EXTS = (".tif", ".tiff")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".jp2") + GEOTIFF_EXTS
+STRETCH_PERCENTILES = (2.0, 98.0)
+# Pixels sampled (at most) to compute a GeoTIFF's stretch percentiles.
+_STRETCH_SAMPLE_PIXELS = 1 << 20
+
+
+class InputError(ValueError):
+    """An input that cannot be used; the message names the file and the problem."""
+
+
+def is_geotiff(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in GEOTIFF_EXTS
+
+
+def parse_bands(text: str | None) -> tuple[int, ...] | None:
+    """``"3,2,1"`` -> ``(3, 2, 1)`` (1-based band numbers); ``None``/``""`` -> ``None``."""
+    if not text:
+        return None
+    try:
+        bands = tuple(int(b) for b in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"--bands must be comma-separated band numbers, got {text!r}") from None
+    if len(bands) not in (1, 3) or min(bands) < 1:
+        raise ValueError(f"--bands needs 3 (or 1) band numbers starting at 1, got {text!r}")
+    return bands
+
+
+def stretch_limits(band: np.ndarray, valid: np.ndarray | None = None) -> tuple[float, float]:
+    """The (low, high) percentiles of a band's valid, finite values."""
+    vals = band if valid is None else band[valid]
+    vals = vals[np.isfinite(vals)] if vals.dtype.kind == "f" else vals
+    if vals.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(vals, STRETCH_PERCENTILES)
+    if hi <= lo:
+        hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def apply_stretch(band: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Linearly map ``[lo, hi]`` to ``[0, 255]`` (clipped) -> uint8; NaN -> 0."""
+    out = (band.astype(np.float32) - lo) * (255.0 / (hi - lo))
+    out = np.nan_to_num(out, nan=0.0)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _choose_bands(
+    path: str, count: int, bands: Sequence[int] | None, rgb_tags: Sequence[int] | None = None
+) -> tuple[tuple[int, ...], int | None]:
+    """Pick (RGB band numbers, alpha band number or None) for a raster with ``count`` bands."""
+    if bands is not None:
+        bad = [b for b in bands if b > count]
+        if bad:
+            raise InputError(f"{path}: --bands {list(bands)} but the image has {count} band(s)")
+        if len(bands) == 1:
+            logger.warning("%s: band %d replicated to 3 grey channels", path, bands[0])
+            return (bands[0],) * 3, None
+        return tuple(bands), None
+    if rgb_tags is not None:
+        return tuple(rgb_tags), None
+    if count == 3:
+        return (1, 2, 3), None
+    if count == 4:
+        return (1, 2, 3), 4
+    if count == 1:
+        logger.warning("%s: single-band (grayscale) image replicated to 3 channels", path)
+        return (1, 1, 1), None
+    raise InputError(
+        f"{path}: {count} bands and no way to tell which are red, green and blue; choose three "
+        "with --bands R,G,B (1-based, e.g. --bands 3,2,1)"
+    )
+
+
+class ArraySource:
+    """An ordinary image file decoded into memory."""
+
+    is_geotiff = False
+    crs = None
+    transform = None
+    nodata = None
+
+    def __init__(self, path: str | Path, bands: Sequence[int] | None = None):
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise InputError(f"{self.path}: no such file")
+        raw = cv2.imread(self.path, cv2.IMREAD_UNCHANGED)
+        if raw is None or raw.size == 0:
+            raise InputError(f"{self.path}: cannot be decoded (corrupt file or unsupported format)")
+        if raw.ndim == 2:
+            raw = raw[:, :, None]
+        count = raw.shape[2]
+        # OpenCV decodes colour as BGR(A); make band 1 red like every other reader.
+        if count in (3, 4):
+            raw = raw[:, :, [2, 1, 0] + ([3] if count == 4 else [])]
+        rgb_bands, alpha_band = _choose_bands(self.path, count, bands)
+        valid = np.ones(raw.shape[:2], dtype=bool)
+        if alpha_band is not None:
+            valid = raw[:, :, alpha_band - 1] > 0
+        chans = []
+        for b in rgb_bands:
+            band = raw[:, :, b - 1]
+            if band.dtype != np.uint8:
+                if band.dtype.kind == "f":
+                    valid &= np.isfinite(band)
+                lo, hi = stretch_limits(band, valid)
+                logger.info(
+                    "%s: band %d (%s) stretched %g..%g -> 0..255", self.path, b, band.dtype, lo, hi
+                )
+                band = apply_stretch(band, lo, hi)
+            chans.append(band)
+        self.rgb = np.ascontiguousarray(np.stack(chans, axis=-1))  # (H, W, 3) uint8
+        self.valid = valid  # (H, W) bool
+        self.height, self.width = self.rgb.shape[:2]
+
+    def read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """RGB (h, w, 3) uint8 and validity (h, w) bool of a window."""
+        return self.rgb[y : y + h, x : x + w], self.valid[y : y + h, x : x + w]
+
+    def close(self) -> None:
+        pass
+
+
+class GeoTiffSource:
+    """A (Geo)TIFF raster read window by window."""
+
+    is_geotiff = True
+
+    def __init__(self, path: str | Path, bands: Sequence[int] | None = None):
+        import rasterio
+        from rasterio.enums import ColorInterp, MaskFlags
+
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise InputError(f"{self.path}: no such file")
+        try:
+            self._ds = rasterio.open(self.path)
+        except rasterio.errors.RasterioError as e:
+            raise InputError(f"{self.path}: cannot be opened as a raster ({e})") from None
+        ds = self._ds
+        try:
+            ci = list(ds.colorinterp)
+            rgb_tags = None
+            if all(c in ci for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
+                rgb_tags = tuple(
+                    ci.index(c) + 1 for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
+                )
+            self.bands, alpha = _choose_bands(self.path, ds.count, bands, rgb_tags)
+            if alpha is None and ColorInterp.alpha in ci:
+                alpha = ci.index(ColorInterp.alpha) + 1
+            self.alpha_band = alpha
+            self.height, self.width = ds.height, ds.width
+            self.crs, self.transform, self.nodata = ds.crs, ds.transform, ds.nodata
+            dtypes = {ds.dtypes[b - 1] for b in self.bands}
+            if any(np.dtype(d).kind == "c" for d in dtypes):
+                raise InputError(f"{self.path}: complex-valued rasters are not supported")
+            # Whether any used band has a real mask (nodata value, alpha or internal mask).
+            self._masked = self.alpha_band is not None or any(
+                MaskFlags.all_valid not in ds.mask_flag_enums[b - 1] for b in self.bands
+            )
+            self._limits: dict[int, tuple[float, float]] = {}
+            for b in sorted(set(self.bands)):
+                if np.dtype(ds.dtypes[b - 1]) != np.uint8:
+                    self._limits[b] = self._percentiles(b)
+                    logger.info(
+                        "%s: band %d (%s) stretched %g..%g -> 0..255",
+                        self.path,
+                        b,
+                        ds.dtypes[b - 1],
+                        *self._limits[b],
+                    )
+        except Exception:
+            ds.close()
+            raise
+
+    def _percentiles(self, band: int) -> tuple[float, float]:
+        """Stretch limits of one band from a decimated read (bounded memory)."""
+        ds = self._ds
+        step = max(1.0, (ds.height * ds.width / _STRETCH_SAMPLE_PIXELS) ** 0.5)
+        shape = (max(1, int(ds.height / step)), max(1, int(ds.width / step)))
+        data = ds.read(band, out_shape=shape, masked=True)
+        valid = ~np.ma.getmaskarray(data)
+        return stretch_limits(np.ma.getdata(data), valid)
+
+    def read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """RGB (h, w, 3) uint8 and validity (h, w) bool of a window.
+
+        A pixel is invalid (no-data) when every used band is masked there (nodata value or
+        internal mask) or its alpha is 0.
+        """
+        from rasterio.windows import Window
+
+        ds = self._ds
+        win = Window(x, y, w, h)
+        uniq = sorted(set(self.bands))
+        data = ds.read(uniq, window=win)  # (n, h, w)
+        chans = []
+        for b in self.bands:
+            band = data[uniq.index(b)]
+            if b in self._limits:
+                band = apply_stretch(band, *self._limits[b])
+            chans.append(band)
+        rgb = np.stack(chans, axis=-1)
+        valid = np.ones((h, w), dtype=bool)
+        if self._masked:
+            masks = ds.read_masks(uniq, window=win)  # (n, h, w) 0 = no-data
+            valid = (masks > 0).any(axis=0)
+            if self.alpha_band is not None:
+                valid &= ds.read(self.alpha_band, window=win) > 0
+        for b in uniq:
+            if np.dtype(ds.dtypes[b - 1]).kind == "f":
+                valid &= np.isfinite(data[uniq.index(b)])
+        return rgb, valid
+
+    def close(self) -> None:
+        self._ds.close()
+
+
+def open_source(path: str | Path, bands: Sequence[int] | None = None):
+    """An :class:`ArraySource` or :class:`GeoTiffSource` for ``path``."""
+    return GeoTiffSource(path, bands) if is_geotiff(path) else ArraySource(path, bands)
+
+
+# ---------------------------------------------------------------------- atomic writers
+def _temp_path(final: Path, suffix: str) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=suffix, dir=final.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def write_png(path: str | Path, array: np.ndarray) -> None:
+    """Write an (H, W) or (H, W, 3) RGB uint8 array as PNG via a temp file + ``os.replace``."""
+    path = Path(path)
+    tmp = _temp_path(path, ".png")
+    try:
+        arr = array if array.ndim == 2 else array[:, :, ::-1]  # RGB -> BGR for OpenCV
+        if not cv2.imwrite(str(tmp), np.ascontiguousarray(arr)):
+            raise OSError(f"{path}: could not be written")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class GeoTiffWriter:
+    """A single-band uint8 class-id GeoTIFF written window by window (temp file, then rename).
+
+    Copies CRS and transform of the source, sets ``nodata_value`` as nodata and writes a colour
+    table (``colors[i]`` for class ``i``; the nodata value is black and transparent).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        height: int,
+        width: int,
+        crs,
+        transform,
+        colors: Sequence[Sequence[int]],
+        nodata_value: int = 255,
+        block: int = 256,
+    ):
+        import rasterio
+
+        self.path = Path(path)
+        self._tmp = _temp_path(self.path, ".tif")
+        profile = dict(
+            driver="GTiff",
+            height=height,
+            width=width,
+            count=1,
+            dtype="uint8",
+            nodata=nodata_value,
+            compress="deflate",
+        )
+        if height >= block and width >= block:
+            profile.update(tiled=True, blockxsize=block, blockysize=block)
+        if crs is not None:
+            profile["crs"] = crs
+        if transform is not None:
+            profile["transform"] = transform
+        self._ds = rasterio.open(self._tmp, "w", **profile)
+        cmap = {i: (*map(int, c), 255) for i, c in enumerate(colors)}
+        cmap[nodata_value] = (0, 0, 0, 0)
+        self._ds.write_colormap(1, cmap)
+
+    def write(self, y: int, x: int, ids: np.ndarray) -> None:
+        from rasterio.windows import Window
+
+        h, w = ids.shape
+        self._ds.write(ids.astype(np.uint8)[None], window=Window(x, y, w, h))
+
+    def add(self, y: int, x: int, ids: np.ndarray, rgb: np.ndarray) -> None:
+        """Sink interface of :func:`~segclip_d2.inference.pipeline.predict_source`."""
+        self.write(y, x, ids)
+
+    def close(self, ok: bool = True) -> None:
+        self._ds.close()
+        if ok:
+            os.replace(self._tmp, self.path)
+        elif self._tmp.exists():
+            self._tmp.unlink()
