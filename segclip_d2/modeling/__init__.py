@@ -3,8 +3,14 @@
 Importing this package registers them in their registries.
 """
 
-from . import pixel_decoder, transformer_decoder  # noqa: F401  (registration)
+from . import meta_arch, pixel_decoder, transformer_decoder  # noqa: F401  (registration)
+from .meta_arch import SegCLIP
 from .pixel_decoder import PIXEL_DECODER_REGISTRY, build_pixel_decoder
 from .transformer_decoder import SegCLIPTransformerDecoder
 
-__all__ = ["PIXEL_DECODER_REGISTRY", "SegCLIPTransformerDecoder", "build_pixel_decoder"]
+__all__ = [
+    "PIXEL_DECODER_REGISTRY",
+    "SegCLIP",
+    "SegCLIPTransformerDecoder",
+    "build_pixel_decoder",
+]
