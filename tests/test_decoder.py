@@ -1,0 +1,179 @@
+"""SegCLIP transformer decoder: TMP queries, CFF, masked attention, GTG isolation, class heads."""
+
+import pytest
+import torch
+
+from segclip_d2.modeling.transformer_decoder import (
+    PositionEmbeddingSine,
+    SegCLIPTransformerDecoder,
+    TextClassHead,
+    TextQueryGenerator,
+    gt_masks_to_attention,
+)
+
+B, C, D, K, N, M = 2, 32, 24, 4, 6, 16
+
+
+def _decoder(seed=0, **kw):
+    torch.manual_seed(seed)
+    args = dict(
+        text_dim=D,
+        num_classes=K,
+        hidden_dim=C,
+        num_queries=N,
+        nheads=4,
+        dim_feedforward=64,
+        dec_layers=3,
+        pre_norm=False,
+        mask_dim=M,
+    )
+    args.update(kw)
+    return SegCLIPTransformerDecoder(C, **args).eval()
+
+
+def _inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.randn(B, C, s, s, generator=g) for s in (2, 4, 8)]  # strides 32, 16, 8 of 64x64
+    mask_features = torch.randn(B, M, 16, 16, generator=g)
+    text = torch.randn(K, D, generator=g)
+    return x, mask_features, text
+
+
+def _guidance(seed=2, classes=((0, 2), (1,))):
+    g = torch.Generator().manual_seed(seed)
+    cls = [torch.tensor(c, dtype=torch.long) for c in classes]
+    masks = [torch.rand(len(c), 64, 64, generator=g) > 0.5 for c in classes]
+    return {"classes": cls, "masks": masks}
+
+
+def test_output_structure_and_shapes():
+    dec = _decoder()
+    x, mf, text = _inputs()
+    out = dec(x, mf, text)
+    assert out["pred_logits"].shape == (B, N, K + 1)
+    assert out["pred_masks"].shape == (B, N, 16, 16)
+    # CFF prediction + every layer but the last
+    assert len(out["aux_outputs"]) == 3
+    for aux in out["aux_outputs"]:
+        assert aux["pred_logits"].shape == (B, N, K + 1)
+        assert aux["pred_masks"].shape == (B, N, 16, 16)
+    assert out["guidance"] is None
+
+    out = dec(x, mf, text, _guidance())
+    g = out["guidance"]
+    assert g["pred_logits"].shape == (B, 2, K + 1)
+    assert g["pred_masks"].shape == (B, 2, 16, 16)
+    assert len(g["aux_outputs"]) == 3
+    assert g["valid"].tolist() == [[True, True], [True, False]]
+
+
+def test_guidance_group_does_not_leak_into_ordinary_queries():
+    dec = _decoder()
+    x, mf, text = _inputs()
+    plain = dec(x, mf, text)
+    a = dec(x, mf, text, _guidance(seed=2, classes=((0, 2), (1,))))
+    b = dec(x, mf, text, _guidance(seed=3, classes=((1, 3), (2,))))  # other queries and masks
+    c = dec(x, mf, text, _guidance(seed=4, classes=((0, 2), (1,))))  # same queries, other masks
+    for out in (a, b, c):
+        for key in ("pred_logits", "pred_masks"):
+            torch.testing.assert_close(out[key], plain[key], rtol=1e-5, atol=1e-5)
+            for aux_o, aux_p in zip(out["aux_outputs"], plain["aux_outputs"]):
+                torch.testing.assert_close(aux_o[key], aux_p[key], rtol=1e-5, atol=1e-5)
+    # ... while the guidance outputs do depend on their queries and on their masks
+    assert (a["guidance"]["pred_logits"] - b["guidance"]["pred_logits"]).abs().max() > 1e-3
+    assert (a["guidance"]["pred_masks"] - c["guidance"]["pred_masks"]).abs().max() > 1e-3
+
+
+def test_gtg_creates_no_parameters_and_cff_toggle_keeps_state_dict():
+    on = _decoder(cff_enabled=True)
+    off = _decoder(cff_enabled=False)
+    assert on.state_dict().keys() == off.state_dict().keys()
+    assert any(k.startswith("cff.") for k in off.state_dict())
+    off.load_state_dict(on.state_dict())
+    x, mf, text = _inputs()
+    # CFF off: the CFF module is skipped, its parameters get no gradient
+    off.train()
+    out = off(x, mf, text, _guidance())
+    (out["pred_masks"].sum() + out["guidance"]["pred_logits"].sum()).backward()
+    assert all(p.grad is None for p in off.cff.parameters())
+    assert (
+        on.eval()(x, mf, text)["pred_logits"].shape == off.eval()(x, mf, text)["pred_logits"].shape
+    )
+    assert not torch.allclose(on(x, mf, text)["pred_logits"], off(x, mf, text)["pred_logits"])
+
+
+def test_text_queries_fill_class_slots_and_blank_slots():
+    tmp = TextQueryGenerator(D, C, N)
+    text = torch.randn(K, D)
+    q, pos = tmp(text, B)
+    assert q.shape == pos.shape == (B, N, C)
+    ctx = tmp.query_ctx.weight
+    torch.testing.assert_close(q[0, K:], ctx[K:])  # blank slots carry only context
+    torch.testing.assert_close(q[1, :K], tmp.project(text) + ctx[:K])
+    # guidance: the class's projected embedding and its slot's positional embedding
+    qg, pg, valid = tmp.guidance(text, [torch.tensor([1, 3]), torch.tensor([], dtype=torch.long)])
+    assert qg.shape == (2, 2, C) and valid.tolist() == [[True, True], [False, False]]
+    torch.testing.assert_close(qg[0], tmp.project(text)[[1, 3]])
+    torch.testing.assert_close(pg[0], tmp.query_pos.weight[[1, 3]])
+    assert qg[1].abs().sum() == 0
+    with pytest.raises(ValueError, match="NUM_QUERIES"):
+        tmp(torch.randn(N + 1, D), 1)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tmp.guidance(text, [torch.tensor([K])])
+
+
+def test_more_classes_than_queries_is_rejected():
+    with pytest.raises(ValueError, match="NUM_QUERIES"):
+        _decoder(num_classes=N + 1)
+
+
+def test_gt_masks_to_attention():
+    m = torch.zeros(3, 8, 8, dtype=torch.bool)
+    m[0, :4, :4] = True  # exactly the top-left cell of a 2x2 map
+    m[1, 0, 7] = True  # one pixel: less than half of any cell -> kept where it touches
+    m[2, :, :3] = True  # 3/4 of the left cells' area
+    blocked = gt_masks_to_attention([m, m[:1]], 3, (2, 2))
+    assert blocked.shape == (2, 3, 2, 2)
+    assert blocked[0, 0].tolist() == [[False, True], [True, True]]
+    assert blocked[0, 1].tolist() == [[True, False], [True, True]]
+    assert blocked[0, 2].tolist() == [[False, True], [False, True]]
+    assert not blocked[1, 1:].any()  # padded slots are unblocked
+
+
+def test_masked_attention_mask_unblocks_fully_masked_rows():
+    dec = _decoder()
+    pred = torch.full((1, N, 16, 16), -5.0)  # every predicted mask empty
+    pred[0, 0, :8] = 5.0  # query 0 covers the top half
+    mask = dec._cross_attn_mask(pred, (4, 4), None)
+    assert mask.shape == (1 * 4, N, 16)
+    assert mask[0, 0].view(4, 4)[:2].logical_not().all() and mask[0, 0].view(4, 4)[2:].all()
+    assert not mask[:, 1:].any()  # fully blocked rows become fully open
+    sm = dec._self_attn_mask(torch.tensor([[True, False]]))
+    assert sm.shape == (4, N + 2, N + 2)
+    assert sm[0, :N, N:].all() and not sm[0, :N, :N].any()
+    assert not sm[0, N:, : N + 1].any() and sm[0, :, N + 1].all()
+
+
+def test_text_class_head_handles_any_vocabulary_and_linear_head_checks_k():
+    dec = _decoder(class_head="text")
+    assert isinstance(dec.class_head, TextClassHead)
+    x, mf, _ = _inputs()
+    for k in (2, 5):
+        out = dec(x, mf, torch.randn(k, D))
+        assert out["pred_logits"].shape == (B, N, k + 1)
+    with pytest.raises(ValueError, match="linear class head"):
+        _decoder()(x, mf, torch.randn(K + 1, D))
+    with pytest.raises(ValueError, match="CLASS_HEAD"):
+        _decoder(class_head="cosine")
+
+
+def test_position_embedding_sine():
+    pe = PositionEmbeddingSine(8, normalize=True)
+    x = torch.zeros(2, 3, 4, 5)
+    pos = pe(x)
+    assert pos.shape == (2, 16, 4, 5)
+    assert not torch.allclose(pos[:, :, 0], pos[:, :, 1])  # varies along y
+    torch.testing.assert_close(pe(x, torch.zeros(2, 4, 5, dtype=torch.bool)), pos)
+    pad = torch.zeros(2, 4, 5, dtype=torch.bool)
+    pad[:, 2:] = True  # the valid rows are normalised over the valid extent only
+    assert not torch.allclose(pe(x, pad)[:, :, :2], pos[:, :, :2])

@@ -1,0 +1,122 @@
+"""MSDeformAttnPixelDecoder: shapes, tiny GroupNorm widths, padding masks, registry, gradients."""
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+
+from segclip_d2.config import add_segclip_config
+from segclip_d2.modeling.pixel_decoder import (
+    PIXEL_DECODER_REGISTRY,
+    MSDeformAttnEncoder,
+    MSDeformAttnPixelDecoder,
+    build_pixel_decoder,
+)
+
+SHAPES = {
+    "res2": ShapeSpec(channels=8, stride=4),
+    "res3": ShapeSpec(channels=16, stride=8),
+    "res4": ShapeSpec(channels=24, stride=16),
+    "res5": ShapeSpec(channels=32, stride=32),
+}
+
+
+def _decoder(conv_dim=32, mask_dim=16, **kw):
+    torch.manual_seed(0)
+    return MSDeformAttnPixelDecoder(
+        SHAPES,
+        transformer_in_features=["res3", "res4", "res5"],
+        conv_dim=conv_dim,
+        mask_dim=mask_dim,
+        transformer_nheads=4,
+        transformer_enc_layers=2,
+        transformer_dim_feedforward=64,
+        msda_impl="pytorch",
+        **kw,
+    ).eval()
+
+
+def _features(b, h, w, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.randn(b, s.channels, h // s.stride, w // s.stride, generator=g)
+        for k, s in SHAPES.items()
+    }
+
+
+@pytest.mark.parametrize("conv_dim", [32, 24])
+def test_output_shapes_and_order(conv_dim):
+    dec = _decoder(conv_dim=conv_dim)  # 24 channels: GroupNorm must not need 32 groups
+    mask_features, ms = dec(_features(2, 64, 96))
+    assert mask_features.shape == (2, 16, 16, 24)
+    # coarsest first: strides 32, 16, 8
+    assert [tuple(x.shape) for x in ms] == [
+        (2, conv_dim, 2, 3),
+        (2, conv_dim, 4, 6),
+        (2, conv_dim, 8, 12),
+    ]
+    assert dec.transformer_in_features == ["res5", "res4", "res3"]
+    assert dec.fpn_features == ["res2"]
+    assert torch.isfinite(mask_features).all()
+
+
+def test_all_false_padding_mask_equals_no_mask_and_padding_changes_output():
+    dec = _decoder()
+    f = _features(2, 64, 64)
+    ref_mf, ref_ms = dec(f)
+    mf, ms = dec(f, torch.zeros(2, 64, 64, dtype=torch.bool))
+    torch.testing.assert_close(mf, ref_mf)
+    for a, b in zip(ms, ref_ms):
+        torch.testing.assert_close(a, b)
+    pad = torch.zeros(2, 64, 64, dtype=torch.bool)
+    pad[0, 32:] = True  # image 0 has only its top half valid
+    mf_p, _ = dec(f, pad)
+    assert not torch.allclose(mf_p[0], ref_mf[0], atol=1e-4)
+    torch.testing.assert_close(mf_p[1], ref_mf[1])  # image 1 is unpadded: unchanged
+
+
+def test_valid_ratios_and_reference_points():
+    mask = torch.zeros(1, 4, 8, dtype=torch.bool)
+    mask[:, 2:, :] = True  # bottom half padded
+    mask[:, :, 6:] = True  # right quarter padded
+    ratios = MSDeformAttnEncoder.valid_ratios(mask)
+    torch.testing.assert_close(ratios, torch.tensor([[0.75, 0.5]]))
+    valid = torch.ones(1, 2, 2)  # two levels, no padding
+    ref = MSDeformAttnEncoder.reference_points([(2, 2), (1, 2)], valid, "cpu")
+    assert ref.shape == (1, 6, 2, 2)
+    # pixel centres normalised to [0, 1] as (x, y)
+    torch.testing.assert_close(
+        ref[0, :4, 0], torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
+    )
+    torch.testing.assert_close(ref[0, 4:, 1], torch.tensor([[0.25, 0.5], [0.75, 0.5]]))
+
+
+def test_gradients_reach_every_input_level():
+    dec = _decoder().train()
+    f = {k: v.requires_grad_() for k, v in _features(1, 64, 64).items()}
+    mf, ms = dec(f)
+    (mf.sum() + sum(x.sum() for x in ms)).backward()
+    for k, v in f.items():
+        assert v.grad is not None and torch.isfinite(v.grad).all() and v.grad.abs().sum() > 0, k
+    for name, p in dec.named_parameters():
+        assert p.grad is not None, name
+
+
+def test_built_from_config_registry():
+    cfg = get_cfg()
+    add_segclip_config(cfg)
+    pd = cfg.MODEL.SEGCLIP.PIXEL_DECODER
+    pd.CONVS_DIM, pd.ENC_LAYERS, pd.DIM_FEEDFORWARD = 32, 1, 64
+    cfg.MODEL.SEGCLIP.MASK_DIM, cfg.MODEL.SEGCLIP.NHEADS = 16, 4
+    cfg.MODEL.SEGCLIP.MSDA_IMPL = "pytorch"
+    assert "MSDeformAttnPixelDecoder" in PIXEL_DECODER_REGISTRY
+    dec = build_pixel_decoder(cfg, SHAPES)
+    assert isinstance(dec, MSDeformAttnPixelDecoder)
+    assert len(dec.transformer.layers) == 1
+    assert dec.transformer.layers[0].self_attn.impl == "pytorch"
+    mf, _ = dec(_features(1, 64, 64))
+    assert mf.shape == (1, 16, 16, 16)
+
+    pd.IN_FEATURES = ["res2", "res3", "res4", "res6"]
+    with pytest.raises(ValueError, match="res6"):
+        build_pixel_decoder(cfg, SHAPES)
