@@ -144,7 +144,9 @@ def build_predictor(cfg):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    import segclip_d2.modeling  # noqa: F401  (registers SegCLIP)
+    import segclip_d2.modeling  # noqa: F401  (registers the model parts)
+    import segclip_d2.modeling.backbone  # noqa: F401  (CLIP ResNet backbone)
+    import segclip_d2.modeling.meta_arch  # noqa: F401  (SegCLIP)
     from segclip_d2.inference import SegInferencer
 
     model = build_model(cfg)

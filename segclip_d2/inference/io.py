@@ -255,8 +255,12 @@ def open_source(path: str | Path, bands: Sequence[int] | None = None):
 
 # ---------------------------------------------------------------------- atomic writers
 def _temp_path(final: Path, suffix: str) -> Path:
+    """A new hidden temp file next to ``final`` with the permissions a plain create would give."""
     fd, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=suffix, dir=final.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
     return Path(name)
 
 

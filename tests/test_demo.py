@@ -1,0 +1,262 @@
+"""demo/demo.py end to end with a tiny randomly initialised SegCLIP: image and GeoTIFF outputs,
+bad inputs, custom vocabularies."""
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from segclip_d2.data.dataset_facts import get_facts
+
+REPO = Path(__file__).resolve().parents[1]
+LOVEDA = get_facts("loveda")
+K = LOVEDA.num_classes
+
+TINY_CONFIG = """
+MODEL:
+  META_ARCHITECTURE: "SegCLIP"
+  DEVICE: "cpu"
+  BACKBONE:
+    NAME: "build_clip_resnet_backbone"
+  PIXEL_MEAN: [122.7709383, 116.7460125, 104.09373615]
+  PIXEL_STD: [68.5005327, 66.6321579, 70.32316305]
+  CLIP_RESNET:
+    PRETRAINED: ""
+  SEGCLIP:
+    NUM_QUERIES: 10
+    HIDDEN_DIM: 32
+    NHEADS: 4
+    DIM_FEEDFORWARD: 64
+    DEC_LAYERS: 2
+    MASK_DIM: 32
+    CLASS_HEAD: "{head}"
+    TEXT:
+      PRETRAINED: ""
+    PIXEL_DECODER:
+      CONVS_DIM: 32
+      ENC_LAYERS: 1
+      DIM_FEEDFORWARD: 64
+INPUT:
+  FORMAT: "RGB"
+DATASETS:
+  TRAIN: ("synthetic_aerial_train",)
+  TEST: ("synthetic_aerial_val",)
+"""
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("segclip_demo", REPO / "demo" / "demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def write_config(folder: Path, head: str = "linear") -> Path:
+    path = folder / f"tiny_{head}.yaml"
+    path.write_text(TINY_CONFIG.replace("{head}", head))
+    return path
+
+
+def write_geotiff(path: Path, height=100, width=90, nodata_rows=10):
+    """A 3-band uint16 GeoTIFF in UTM 33N with a no-data strip on top."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    g = np.random.default_rng(0)
+    data = g.integers(200, 3000, size=(3, height, width), dtype=np.uint16)
+    data[:, :nodata_rows] = 0
+    transform = from_origin(500000.0, 5000000.0, 0.3, 0.3)
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        height=height,
+        width=width,
+        count=3,
+        dtype="uint16",
+        crs="EPSG:32633",
+        transform=transform,
+        nodata=0,
+    ) as ds:
+        ds.write(data)
+    return transform
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, request):
+    """One demo run over a crop of a real LoveDA tile, a GeoTIFF, a corrupt PNG and an
+    unsupported 2-band TIFF."""
+    import rasterio
+
+    shared = REPO.parent / "shared" / "data" / "loveda" / "images" / "0.png"
+    if not shared.is_file():
+        pytest.skip(f"real LoveDA tile not found at {shared}")
+    tmp = tmp_path_factory.mktemp("demo")
+    inputs = tmp / "inputs"
+    inputs.mkdir()
+    # A 96x160 crop of the real tile keeps the test fast (the model runs at full resolution).
+    real = cv2.imread(str(shared))[300:396, 200:360]
+    cv2.imwrite(str(inputs / "tile.png"), real)
+    transform = write_geotiff(inputs / "scene.tif")
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    with rasterio.open(
+        inputs / "twoband.tif", "w", driver="GTiff", height=20, width=20, count=2, dtype="uint8"
+    ) as ds:
+        ds.write(np.zeros((2, 20, 20), np.uint8))
+    out = tmp / "out"
+    demo = load_demo()
+    caplog = logging.getLogger()
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep(level=logging.INFO)
+    caplog.addHandler(handler)
+    try:
+        code = demo.main(
+            [
+                "--config-file",
+                str(write_config(tmp)),
+                "--input",
+                str(inputs),
+                "--output",
+                str(out),
+                "--no-progress",
+                "--block-size",
+                "48",
+                "--block-margin",
+                "8",
+            ]
+        )
+    finally:
+        caplog.removeHandler(handler)
+    return {
+        "code": code,
+        "out": out,
+        "log": "\n".join(records),
+        "transform": transform,
+        "real": real[:, :, ::-1],
+    }
+
+
+def test_demo_writes_all_outputs_for_a_real_tile(demo_run):
+    out, rgb = demo_run["out"], demo_run["real"]
+    pred = cv2.imread(str(out / "tile_pred.png"), cv2.IMREAD_UNCHANGED)
+    color = cv2.imread(str(out / "tile_color.png"))[:, :, ::-1]
+    over = cv2.imread(str(out / "tile_overlay.png"))[:, :, ::-1]
+    assert pred.shape == rgb.shape[:2] and pred.dtype == np.uint8
+    assert pred.max() < K
+    assert color.shape == over.shape == rgb.shape
+    np.testing.assert_array_equal(color, LOVEDA.colorize(pred))
+    # The overlay is the 50/50 blend of image and colour map.
+    blend = (rgb.astype(np.float32) * 0.5 + color.astype(np.float32) * 0.5).round()
+    assert np.abs(over.astype(np.float32) - blend).max() <= 1
+    legend = cv2.imread(str(out / "legend.png"))
+    assert legend is not None and legend.shape[0] > 28 * K
+    # No temp files left behind.
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_demo_geotiff_keeps_crs_transform_nodata_and_colour_table(demo_run):
+    import rasterio
+
+    out = demo_run["out"]
+    with rasterio.open(out / "scene_pred.tif") as ds:
+        assert ds.crs.to_epsg() == 32633
+        assert ds.transform == demo_run["transform"]
+        assert ds.nodata == 255 and ds.count == 1 and ds.dtypes[0] == "uint8"
+        assert (ds.height, ds.width) == (100, 90)
+        ids = ds.read(1)
+        cmap = ds.colormap(1)
+    assert (ids[:10] == 255).all(), "no-data rows must get the nodata class"
+    assert ids[10:].max() < K
+    for i, c in enumerate(LOVEDA.colors):
+        assert cmap[i][:3] == tuple(c)
+    assert cmap[255][3] == 0
+    # Previews of the GeoTIFF (small, so at full size) and no class-id PNG.
+    color = cv2.imread(str(out / "scene_color.png"))[:, :, ::-1]
+    np.testing.assert_array_equal(color[10:], LOVEDA.colorize(ids)[10:])
+    assert (color[:10] == 0).all()
+    assert (out / "scene_overlay.png").is_file() and not (out / "scene_pred.png").exists()
+
+
+def test_demo_reports_bad_inputs_and_processes_the_others(demo_run):
+    out, log = demo_run["out"], demo_run["log"]
+    assert demo_run["code"] == 1
+    assert "broken.png" in log and "cannot be decoded" in log
+    assert "twoband.tif" in log and "--bands" in log
+    assert not list(out.glob("broken_*")) and not list(out.glob("twoband_*"))
+    assert (out / "tile_pred.png").is_file() and (out / "scene_pred.tif").is_file()
+
+
+def test_demo_classes_needs_the_text_head(tmp_path, caplog):
+    demo = load_demo()
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), np.zeros((32, 32, 3), np.uint8))
+    with caplog.at_level(logging.ERROR):
+        code = demo.main(
+            [
+                "--config-file",
+                str(write_config(tmp_path)),
+                "--input",
+                str(img),
+                "--output",
+                str(tmp_path / "out"),
+                "--classes",
+                "road,water",
+            ]
+        )
+    assert code == 2
+    assert "CLASS_HEAD text" in caplog.text and "linear" in caplog.text
+
+
+def test_demo_custom_vocabulary_with_text_head_tta_and_bf16(tmp_path):
+    demo = load_demo()
+    img = tmp_path / "gray.png"
+    g = np.random.default_rng(1)
+    cv2.imwrite(str(img), g.integers(0, 65535, (40, 56), dtype=np.uint16))  # 16-bit grayscale
+    code = demo.main(
+        [
+            "--config-file",
+            str(write_config(tmp_path, "text")),
+            "--input",
+            str(img),
+            "--output",
+            str(tmp_path / "out"),
+            "--classes",
+            "road, water ,tennis court",
+            "--tta",
+            "--precision",
+            "bf16",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    pred = cv2.imread(str(tmp_path / "out" / "gray_pred.png"), cv2.IMREAD_UNCHANGED)
+    assert pred.shape == (40, 56) and pred.max() < 3
+    color = cv2.imread(str(tmp_path / "out" / "gray_color.png"))[:, :, ::-1]
+    # "road" and "water" keep their LoveDA colours.
+    for cls, name in ((0, "road"), (1, "water")):
+        if (pred == cls).any():
+            assert tuple(color[pred == cls][0]) == LOVEDA.colors[LOVEDA.classes.index(name)]
+
+
+def test_expand_inputs_folders_globs_and_missing(tmp_path):
+    demo = load_demo()
+    for n in ("b.png", "a.tif", "notes.txt"):
+        (tmp_path / n).write_bytes(b"x")
+    files, missing = demo.expand_inputs(
+        [
+            str(tmp_path),
+            str(tmp_path / "*.png"),
+            str(tmp_path / "nope.png"),
+            str(tmp_path / "*.jp2"),
+        ]
+    )
+    assert [f.name for f in files] == ["a.tif", "b.png"]
+    assert [m[0] for m in missing] == [str(tmp_path / "nope.png"), str(tmp_path / "*.jp2")]

@@ -1,0 +1,435 @@
+#!/usr/bin/env python
+"""Inference benchmarks: latency, peak memory, text-encoder calls, FLOPs, and the issue's targets.
+
+Every measured case runs in its own subprocess, so its peak RSS (``ru_maxrss`` of that process,
+read by the parent with ``os.wait4``) belongs to that case alone.
+
+    # table: 512 / 1024 / 2048 inputs, whole vs slide, small CPU config + FLOPs at 512
+    python tools/benchmark_inference.py --table
+    # targets on the R50 LoveDA config at 1024 (CPU, 2 threads): fast path vs
+    # MSDA_IMPL pytorch + POSTPROCESS full, bf16, and pixel agreement on real tiles
+    python tools/benchmark_inference.py --targets
+    # demo memory / time on synthetic GeoTIFFs of growing size
+    python tools/benchmark_inference.py --geotiff-scaling --sizes 2048 4096 8192
+
+Nothing here is part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_CONFIG = REPO / "configs" / "synthetic" / "segclip_cpu.yaml"
+R50_CONFIG = REPO / "configs" / "loveda" / "segclip_R50.yaml"
+REAL_TILES = REPO.parent / "shared" / "data" / "loveda" / "images"
+OFFLINE_OPTS = ["MODEL.SEGCLIP.TEXT.PRETRAINED", "", "MODEL.CLIP_RESNET.PRETRAINED", ""]
+
+
+# ---------------------------------------------------------------------- subprocess plumbing
+def run_child(argv: list[str], timeout: float = 900) -> tuple[int, float, float, str]:
+    """Run ``argv``; return (exit code, wall seconds, peak RSS in MiB of that process, stdout)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    with tempfile.TemporaryFile("w+") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        deadline = t0 + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        text = out.read()
+    return proc.returncode, wall, usage.ru_maxrss / 1024.0, text
+
+
+def child_json(text: str) -> dict:
+    """The last ``RESULT {json}`` line a child printed."""
+    for line in reversed(text.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError("child printed no result:\n" + text[-3000:])
+
+
+def emit(result: dict) -> None:
+    result["self_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------- in-child helpers
+def load_model(config: str, opts: list[str]):
+    import torch
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    import segclip_d2.modeling  # noqa: F401  (registers the model parts)
+    import segclip_d2.modeling.backbone  # noqa: F401  (CLIP ResNet backbone)
+    import segclip_d2.modeling.meta_arch  # noqa: F401  (SegCLIP)
+    from segclip_d2 import add_segclip_config
+    from segclip_d2.inference import SegInferencer
+
+    cfg = get_cfg()
+    add_segclip_config(cfg)
+    cfg.merge_from_file(config)
+    cfg.merge_from_list(OFFLINE_OPTS + list(opts))
+    cfg.freeze()
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    return cfg, model, SegInferencer(cfg)
+
+
+def test_image(size: int, seed: int = 0):
+    """A real LoveDA tile resized to ``size`` when available, else smooth random noise."""
+    import cv2
+    import numpy as np
+    import torch
+
+    tiles = sorted(REAL_TILES.glob("*.png")) if REAL_TILES.is_dir() else []
+    if tiles:
+        rgb = cv2.imread(str(tiles[seed % len(tiles)]))[:, :, ::-1]
+        rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
+    else:
+        g = np.random.default_rng(seed)
+        rgb = cv2.resize(
+            g.integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8), (size, size)
+        )
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
+
+
+def case_forward(args) -> None:
+    """One timed inference of a (3, size, size) image through SegInferencer."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cfg, model, inferencer = load_model(args.config, args.opts)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    image = test_image(args.size)
+    with torch.no_grad():
+        inferencer(model.predict_sem_seg_probs, test_image(64))  # warm-up (lazy init)
+        calls0 = model.text_encoder.num_encoder_calls
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            probs = inferencer(model.predict_sem_seg_probs, image)
+            times.append(time.perf_counter() - t0)
+    emit(
+        {
+            "seconds": min(times),
+            "model_rss_mb": base_rss,
+            "text_encoder_calls": model.text_encoder.num_encoder_calls,
+            "text_encoder_calls_in_timed_runs": model.text_encoder.num_encoder_calls - calls0,
+            "predict_calls": inferencer.num_predict_calls,
+            "shape": list(probs.shape),
+        }
+    )
+
+
+def case_tiles(args) -> None:
+    """Class maps of the real LoveDA tiles (full 1024 size), timed; saved to ``args.save``."""
+    import numpy as np
+    import torch
+
+    from segclip_d2.inference.io import ArraySource
+
+    torch.set_num_threads(args.threads)
+    cfg, model, inferencer = load_model(args.config, args.opts)
+    tiles = sorted(REAL_TILES.glob("*.png"))[: args.num_tiles]
+    maps, times = [], []
+    with torch.no_grad():
+        inferencer(model.predict_sem_seg_probs, test_image(64))  # warm-up
+        for t in tiles:
+            img = torch.from_numpy(ArraySource(t).rgb).permute(2, 0, 1).float()
+            t0 = time.perf_counter()
+            probs = inferencer(model.predict_sem_seg_probs, img)
+            times.append(time.perf_counter() - t0)
+            maps.append(probs.argmax(0).to(torch.uint8).numpy())
+    np.save(args.save, np.stack(maps))
+    emit({"seconds": times, "tiles": [t.name for t in tiles]})
+
+
+def case_flops(args) -> None:
+    """fvcore FLOPs of predict_sem_seg_probs at ``size``."""
+    import torch
+    from fvcore.nn import FlopCountAnalysis
+
+    torch.set_num_threads(args.threads)
+    cfg, model, _ = load_model(args.config, args.opts)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m.predict_sem_seg_probs(x)
+
+    image = test_image(args.size)[None]
+    with torch.no_grad():
+        fca = FlopCountAnalysis(Wrap(model), image)
+        fca.unsupported_ops_warnings(False)
+        fca.uncalled_modules_warnings(False)
+        total = fca.total()
+        unsupported = {k: int(v) for k, v in fca.unsupported_ops().items()}
+    emit({"gflops": total / 1e9, "unsupported_ops": unsupported})
+
+
+# ---------------------------------------------------------------------- parent modes
+def child_argv(case: str, config, size=0, opts=(), threads=2, extra=()) -> list[str]:
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_case",
+        case,
+        "--config",
+        str(config),
+        "--size",
+        str(size),
+        "--threads",
+        str(threads),
+        *extra,
+        "--opts",
+        *opts,
+    ]
+
+
+def fmt_row(cols, widths):
+    return "  ".join(str(c).ljust(w) for c, w in zip(cols, widths))
+
+
+def mode_table(args) -> None:
+    widths = (6, 6, 10, 12, 14, 10)
+    print(f"\n== latency / peak RSS, {Path(args.config).name}, {args.threads} threads ==")
+    print(fmt_row(("size", "mode", "seconds", "peak RSS MB", "model RSS MB", "text calls"), widths))
+    for size in args.sizes:
+        for mode in ("whole", "slide"):
+            opts = ["TEST.MODE", mode] + list(args.opts)
+            code, wall, rss, text = run_child(
+                child_argv("forward", args.config, size, opts, args.threads)
+            )
+            if code:
+                print(fmt_row((size, mode, "FAILED", f"{rss:.0f}", "", ""), widths))
+                print(text[-2000:])
+                continue
+            r = child_json(text)
+            print(
+                fmt_row(
+                    (
+                        size,
+                        mode,
+                        f"{r['seconds']:.2f}",
+                        f"{rss:.0f}",
+                        f"{r['model_rss_mb']:.0f}",
+                        r["text_encoder_calls"],
+                    ),
+                    widths,
+                ),
+                flush=True,
+            )
+    code, wall, rss, text = run_child(
+        child_argv("flops", args.config, 512, list(args.opts), args.threads)
+    )
+    if code:
+        print("FLOPs: FAILED\n" + text[-2000:])
+    else:
+        r = child_json(text)
+        print(
+            f"\nfvcore FLOPs at 512x512: {r['gflops']:.1f} GFLOPs (fvcore counts one multiply-add "
+            f"as one flop); ops fvcore cannot count (ignored): {r['unsupported_ops']}"
+        )
+
+
+def mode_targets(args) -> None:
+    import numpy as np
+
+    config = args.config if args.config != str(SMALL_CONFIG) else str(R50_CONFIG)
+    variants = [
+        ("fast (MSDA auto, POSTPROCESS low, fp32)", []),
+        (
+            "baseline (MSDA pytorch, POSTPROCESS full, fp32)",
+            ["MODEL.SEGCLIP.MSDA_IMPL", "pytorch", "MODEL.SEGCLIP.POSTPROCESS", "full"],
+        ),
+        ("fast, POSTPROCESS full (agreement reference)", ["MODEL.SEGCLIP.POSTPROCESS", "full"]),
+        ("fast + bf16 autocast", ["TEST.PRECISION", "bf16"]),
+    ]
+    if not REAL_TILES.is_dir():
+        print(f"real tiles not found at {REAL_TILES}: targets need them")
+        return
+    results = {}
+    tmp = Path(tempfile.mkdtemp(prefix="segclip_bench_"))
+    print(
+        f"\n== targets, {Path(config).name}, 1024x1024 LoveDA tiles, CPU {args.threads} threads =="
+    )
+    for i, (name, opts) in enumerate(variants):
+        save = tmp / f"v{i}.npy"
+        argv = child_argv(
+            "tiles",
+            config,
+            1024,
+            opts + list(args.opts),
+            args.threads,
+            ["--save", str(save), "--num-tiles", str(args.num_tiles)],
+        )
+        code, wall, rss, text = run_child(argv, timeout=1800)
+        if code:
+            print(f"{name}: FAILED\n{text[-3000:]}")
+            continue
+        r = child_json(text)
+        results[i] = (r, np.load(save))
+        secs = ", ".join(f"{s:.1f}" for s in r["seconds"])
+        print(f"{name}: {secs} s per tile (peak RSS {rss:.0f} MB)", flush=True)
+
+    def mean_t(i):
+        return float(np.mean(results[i][0]["seconds"]))
+
+    def agree(i, j):
+        return float((results[i][1] == results[j][1]).mean()) * 100
+
+    if 0 in results and 1 in results:
+        print(f"fast / baseline time: {mean_t(0) / mean_t(1):.3f} (target <= 0.5)")
+    if 3 in results and 1 in results:
+        print(
+            f"bf16 / baseline time: {mean_t(3) / mean_t(1):.3f} (target <= 0.3); "
+            f"bf16 / fast fp32: {mean_t(3) / mean_t(0):.3f}"
+        )
+    if 0 in results and 2 in results:
+        print(f"class agreement low vs full postprocess: {agree(0, 2):.3f}% (target >= 99.5%)")
+    if 0 in results and 1 in results:
+        print(f"class agreement fast vs baseline: {agree(0, 1):.3f}%")
+    if 0 in results and 3 in results:
+        print(f"class agreement bf16 vs fp32: {agree(0, 3):.3f}%")
+
+
+def make_geotiff(path: Path, size: int, seed: int = 0) -> None:
+    """A synthetic uint16 3-band GeoTIFF (EPSG:32633, 0.5 m pixels, nodata 0 border), written by
+    row blocks so even large ones take little memory."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    g = np.random.default_rng(seed)
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        height=size,
+        width=size,
+        count=3,
+        dtype="uint16",
+        crs="EPSG:32633",
+        nodata=0,
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+        transform=from_origin(500000, 5000000, 0.5, 0.5),
+    ) as ds:
+        step = 512
+        for y in range(0, size, step):
+            h = min(step, size - y)
+            yy = np.arange(y, y + h)[:, None]
+            xx = np.arange(size)[None]
+            base = (np.sin(yy / 97.0) + np.cos(xx / 61.0)) * 1000 + 2000
+            block = np.stack([base + g.normal(0, 200, (h, size)) for _ in range(3)])
+            block = np.clip(block, 1, 4095).astype(np.uint16)
+            block[:, :, :16] = 0  # a no-data strip
+            ds.write(block, window=Window(0, y, size, h))
+
+
+def mode_geotiff_scaling(args) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="segclip_geotiff_"))
+    print(f"\n== demo on synthetic GeoTIFFs, {Path(args.config).name}, block {args.block_size} ==")
+    widths = (8, 12, 10, 12, 14)
+    print(fmt_row(("size", "Mpixels", "seconds", "s / Mpix", "peak RSS MB"), widths))
+    for size in args.sizes:
+        tif = tmp / f"scene_{size}.tif"
+        make_geotiff(tif, size)
+        out = tmp / f"out_{size}"
+        argv = [
+            sys.executable,
+            str(REPO / "demo" / "demo.py"),
+            "--config-file",
+            str(args.config),
+            "--input",
+            str(tif),
+            "--output",
+            str(out),
+            "--no-progress",
+            "--block-size",
+            str(args.block_size),
+            "--block-margin",
+            str(args.block_margin),
+            "--opts",
+            *OFFLINE_OPTS,
+            "MODEL.DEVICE",
+            "cpu",
+            *args.opts,
+        ]
+        env_threads = f"torch threads {args.threads}"
+        code, wall, rss, text = run_child(
+            ["env", f"OMP_NUM_THREADS={args.threads}", *argv], timeout=3600
+        )
+        if code:
+            print(f"{size}: FAILED ({env_threads})\n{text[-3000:]}")
+            continue
+        mpix = size * size / 1e6
+        print(
+            fmt_row(
+                (size, f"{mpix:.1f}", f"{wall:.1f}", f"{wall / mpix:.2f}", f"{rss:.0f}"), widths
+            ),
+            flush=True,
+        )
+        tif.unlink()
+    print(f"(wall time includes model build; outputs in {tmp})")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--table", action="store_true", help="latency/memory table + FLOPs")
+    p.add_argument("--targets", action="store_true", help="R50 1024 speed/agreement targets")
+    p.add_argument("--geotiff-scaling", action="store_true", help="demo memory/time vs size")
+    p.add_argument("--config", default=str(SMALL_CONFIG))
+    p.add_argument("--sizes", type=int, nargs="+", default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--num-tiles", type=int, default=2)
+    p.add_argument("--block-size", type=int, default=1024)
+    p.add_argument("--block-margin", type=int, default=128)
+    p.add_argument("--size", type=int, default=512, help=argparse.SUPPRESS)
+    p.add_argument("--save", default="", help=argparse.SUPPRESS)
+    p.add_argument("--_case", default="", help=argparse.SUPPRESS)
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[])
+    args = p.parse_args(argv)
+    cases = {"forward": case_forward, "tiles": case_tiles, "flops": case_flops}
+    if args._case:
+        cases[args._case](args)
+        return 0
+    if not (args.table or args.targets or args.geotiff_scaling):
+        p.error("choose --table, --targets and/or --geotiff-scaling")
+    if args.table:
+        args.sizes = args.sizes or [512, 1024, 2048]
+        mode_table(args)
+    if args.targets:
+        mode_targets(args)
+    if args.geotiff_scaling:
+        args.sizes = args.sizes or [2048, 4096, 8192]
+        mode_geotiff_scaling(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
