@@ -1,0 +1,197 @@
+"""SegCLIP's detectron2 trainer (Mask2Former style, working on detectron2 0.5 and current).
+
+Compared to ``DefaultTrainer`` it builds: the project's mappers and evaluator, a seeded and
+resumable training loader, AdamW with backbone/norm/embedding parameter groups, the poly LR
+schedule, full-model gradient clipping, AMP on CPU (bf16) or CUDA (fp16), DDP for CPU processes,
+a best-checkpoint hook, and writers that need no tensorboard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.engine import DefaultTrainer, TrainerBase, hooks
+from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter
+from detectron2.utils.logger import setup_logger
+
+from .. import compat
+from ..data.dataset_facts import get_facts
+from ..data.evaluator import build_evaluator as build_segclip_evaluator
+from ..data.mapper import build_test_mapper, build_train_mapper
+from .data import ResumableTrainLoader, build_train_loader
+from .hooks import BestCheckpointer
+from .lr_scheduler import build_lr_scheduler
+from .optimizer import build_gradient_clipper, build_optimizer
+from .train_loop import SegCLIPTrainLoop
+
+logger = logging.getLogger(__name__)
+
+
+def amp_dtype_for(cfg, device_type: str) -> torch.dtype | None:
+    """``SOLVER.AMP.ENABLED``: fp16 on CUDA, bf16 on CPU (logged), None when disabled."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return None
+    if device_type == "cuda":
+        return torch.float16
+    logger.info("SOLVER.AMP.ENABLED on CPU: training with bf16 autocast (no fp16 on CPU)")
+    return torch.bfloat16
+
+
+def has_tensorboard() -> bool:
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class SegCLIPTrainer(DefaultTrainer):
+    """Trainer for SegCLIP (see module doc). ``resume_or_load`` then ``train``."""
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        self._train_loader = ResumableTrainLoader(
+            lambda start_iter: self.build_train_loader(cfg, start_iter)
+        )
+        device_type = next(model.parameters()).device.type
+        model = compat.create_ddp_model(model, broadcast_buffers=False)
+        self._trainer = SegCLIPTrainLoop(
+            model,
+            self._train_loader,
+            optimizer,
+            grad_clipper=build_gradient_clipper(cfg),
+            amp_dtype=amp_dtype_for(cfg, device_type),
+            seed=cfg.SEED,
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    # ------------------------------------------------------------------ state
+    def resume_or_load(self, resume: bool = True):
+        super().resume_or_load(resume=resume)
+        self._train_loader.start_iter = self.start_iter
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("checkpoint has no optimizer state (written by detectron2 0.5?)")
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def build_train_loader(cls, cfg, start_iter: int = 0):
+        return build_train_loader(cfg, build_train_mapper(cfg), start_iter=start_iter)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=build_test_mapper(cfg, dataset_name)
+        )
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return build_segclip_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
+
+    def build_writers(self):
+        writers = [
+            CommonMetricPrinter(self.max_iter),
+            JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
+        ]
+        if has_tensorboard():
+            from detectron2.utils.events import TensorboardXWriter
+
+            writers.append(TensorboardXWriter(self.cfg.OUTPUT_DIR))
+        return writers
+
+    def build_hooks(self):
+        cfg = self.cfg
+        ret = [hooks.IterationTimer(), hooks.LRScheduler()]
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
+
+        def test_and_save_results():
+            self._last_eval_results = self.test(self.cfg, self.model)
+            return self._last_eval_results
+
+        if len(cfg.DATASETS.TEST):
+            ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results))
+            if cfg.SOLVER.BEST_CHECKPOINT_METRIC and comm.is_main_process():
+                ret.append(
+                    BestCheckpointer(
+                        cfg.TEST.EVAL_PERIOD, self.checkpointer, cfg.SOLVER.BEST_CHECKPOINT_METRIC
+                    )
+                )
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicWriter(self.build_writers(), period=20))
+        return ret
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+@torch.no_grad()
+def write_color_prediction(cfg, model: torch.nn.Module, dataset_name: str, index: int = 0):
+    """Predict tile ``index`` of ``dataset_name`` and write ``<OUTPUT_DIR>/predictions/
+    <stem>_color.png`` (colours from the dataset facts). Returns the path."""
+    import cv2
+
+    dicts = DatasetCatalog.get(dataset_name)
+    if not dicts:
+        raise ValueError(f"dataset {dataset_name!r} is empty")
+    record = dicts[index]
+    inputs = build_test_mapper(cfg, dataset_name)(record)
+    model = unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    try:
+        probs = model([inputs])[0]["sem_seg"]  # (K, H, W)
+    finally:
+        model.train(was_training)
+    pred = probs.argmax(0).to(torch.uint8).cpu().numpy()  # (H, W)
+    meta = MetadataCatalog.get(dataset_name)
+    colors = get_facts(meta.dataset_key).colorize(pred)  # (H, W, 3) RGB
+    out_dir = os.path.join(cfg.OUTPUT_DIR, "predictions")
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
+    path = os.path.join(out_dir, f"{stem}_color.png")
+    tmp = path + ".tmp.png"
+    if not cv2.imwrite(tmp, np.ascontiguousarray(colors[:, :, ::-1])):
+        raise OSError(f"could not write {tmp}")
+    os.replace(tmp, path)
+    return path
