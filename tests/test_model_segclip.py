@@ -1,0 +1,213 @@
+"""SegCLIP meta-architecture on a tiny ResNet-18 model (random weights, CPU)."""
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+import segclip_d2  # noqa: F401  (dataset registration)
+import segclip_d2.modeling  # noqa: F401  (SegCLIP registration)
+from segclip_d2.config import add_segclip_config
+
+NUM_CLASSES = 7  # synthetic_aerial_train has the LoveDA classes
+
+
+def tiny_cfg(**segclip):
+    cfg = get_cfg()
+    add_segclip_config(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "SegCLIP"
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
+    cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    s = cfg.MODEL.SEGCLIP
+    s.NUM_QUERIES, s.HIDDEN_DIM, s.NHEADS, s.DIM_FEEDFORWARD = 10, 32, 4, 64
+    s.DEC_LAYERS, s.MASK_DIM, s.MSDA_IMPL = 3, 32, "pytorch"
+    s.PIXEL_DECODER.CONVS_DIM, s.PIXEL_DECODER.ENC_LAYERS = 32, 2
+    s.PIXEL_DECODER.DIM_FEEDFORWARD = 64
+    s.TEXT.PRETRAINED = ""  # random init, nothing downloaded
+    s.LOSS.TRAIN_NUM_POINTS = 256
+    cfg.DATASETS.TRAIN = ("synthetic_aerial_train",)
+    for key, value in segclip.items():
+        node = s
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+_TEXT_ENCODER = []
+
+
+def build(seed=0, **segclip):
+    """Build from the config. All models of this file then share one text encoder (it owns no
+    checkpoint state), so the costly CLIP text transformer encodes each vocabulary only once."""
+    torch.manual_seed(seed)
+    model = build_model(tiny_cfg(**segclip)).eval()
+    if not _TEXT_ENCODER:
+        _TEXT_ENCODER.append(model.text_encoder)
+    model.text_encoder = _TEXT_ENCODER[0]
+    return model
+
+
+def _image(h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+
+
+def _train_input(h, w, classes, seed=0):
+    """A mapper-style training dict whose label map splits the image into vertical bands."""
+    masks = torch.zeros(len(classes), h, w, dtype=torch.bool)
+    for j in range(len(classes)):
+        masks[j, :, j * w // len(classes) : (j + 1) * w // len(classes)] = True
+    return {
+        "image": _image(h, w, seed),
+        "gt_classes": torch.tensor(sorted(classes), dtype=torch.long),
+        "gt_masks": masks,
+        "height": h,
+        "width": w,
+    }
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build()
+
+
+def test_eval_output_at_original_size_for_non_divisible_inputs(model):
+    inputs = [
+        {"image": _image(50, 70), "height": 100, "width": 140},  # resized by a test mapper
+        {"image": _image(45, 64, seed=1)},  # no height/width: the input's own size
+    ]
+    with torch.no_grad():
+        out = model(inputs)
+    assert out[0]["sem_seg"].shape == (NUM_CLASSES, 100, 140)
+    assert out[1]["sem_seg"].shape == (NUM_CLASSES, 45, 64)
+    for o in out:
+        assert torch.isfinite(o["sem_seg"]).all() and (o["sem_seg"] >= 0).all()
+
+
+def test_predict_sem_seg_probs_crops_padding(model):
+    images = torch.stack([_image(50, 70, seed=i).float() for i in range(2)])
+    with torch.no_grad():
+        probs = model.predict_sem_seg_probs(images)
+        single = model.predict_sem_seg_probs(images[1:])
+    assert probs.shape == (2, NUM_CLASSES, 50, 70)
+    torch.testing.assert_close(probs[1:], single, rtol=1e-4, atol=1e-5)  # batch-independent
+    with pytest.raises(ValueError, match=r"\(B, 3, h, w\)"):
+        model.predict_sem_seg_probs(images[0])
+
+
+def test_text_encoder_runs_once_across_eval_forwards(model):
+    encoder = model.text_encoder
+    before = encoder.num_encoder_calls
+    with torch.no_grad():
+        model([{"image": _image(64, 64)}])
+        first = encoder.num_encoder_calls
+        for i in range(3):
+            model([{"image": _image(64, 64, seed=i)}])
+    assert first - before <= 1  # encoded at most once (not at all if already cached)
+    assert 1 <= encoder.num_encoder_calls == first  # ... and never again
+
+
+def test_train_forward_returns_finite_losses_and_backward_works():
+    model = build(seed=2).train()
+    batch = [
+        _train_input(64, 64, [1, 3]),
+        # no labelled pixel at all (everything ignore): empty gt_classes / gt_masks
+        {
+            "image": _image(56, 64, seed=3),
+            "gt_classes": torch.zeros(0, dtype=torch.long),
+            "gt_masks": torch.zeros(0, 56, 64, dtype=torch.bool),
+        },
+    ]
+    calls = model.text_encoder.num_encoder_calls
+    losses = model(batch)
+    assert {"loss_ce", "loss_mask", "loss_dice", "loss_gtg_ce", "loss_ce_0"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.text_encoder.num_encoder_calls <= max(calls, 1)  # GTG indexes the cache
+    grads = [p.grad for p in model.predictor.parameters() if p.requires_grad]
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    assert model.predictor.text_queries.text_proj.weight.grad.abs().sum() > 0
+    assert model.backbone.res2[0].conv1.weight.grad.abs().sum() > 0
+
+    model.zero_grad()
+    empty = [batch[1], batch[1]]  # a batch without any labelled pixel
+    losses = model(empty)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+    with pytest.raises(ValueError, match="gt_classes"):
+        model([{"image": _image(64, 64)}])
+
+
+def test_gtg_and_cff_switches_keep_checkpoints_interchangeable():
+    base = build(seed=3)
+    keys = set(base.state_dict())
+    for kw in ({"GT_GUIDANCE.ENABLED": False}, {"CFF_ENABLED": False}):
+        other = build(seed=4, **kw)
+        assert set(other.state_dict()) == keys, kw
+    # the frozen CLIP text tower is not part of the checkpoint
+    assert not any(k.startswith("text_encoder.") for k in keys)
+
+
+def test_eval_identical_with_gtg_enabled_or_disabled():
+    on = build(seed=5, **{"GT_GUIDANCE.ENABLED": True})
+    off = build(seed=6, **{"GT_GUIDANCE.ENABLED": False})
+    off.load_state_dict(on.state_dict())
+    inputs = [{"image": _image(64, 96, seed=7)}]
+    with torch.no_grad():
+        a = on(inputs)[0]["sem_seg"]
+        b = off(inputs)[0]["sem_seg"]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_set_vocabulary_with_text_head_changes_k():
+    model = build(seed=8, CLASS_HEAD="text")
+    with torch.no_grad():
+        assert model([{"image": _image(64, 64)}])[0]["sem_seg"].shape[0] == NUM_CLASSES
+        calls = model.text_encoder.num_encoder_calls
+        model.set_vocabulary(["road", "water", "small_vehicle"])
+        for i in range(2):
+            out = model([{"image": _image(64, 64, seed=i)}])[0]["sem_seg"]
+            assert out.shape == (3, 64, 64)
+    assert model.text_encoder.num_encoder_calls == calls + 1
+    with pytest.raises(ValueError, match="NUM_QUERIES"):
+        model.set_vocabulary([f"class {i}" for i in range(11)])
+
+
+def test_set_vocabulary_is_rejected_with_linear_head(model):
+    with pytest.raises(ValueError, match="CLASS_HEAD 'text'"):
+        model.set_vocabulary(["road", "water"])
+    assert model.num_classes == NUM_CLASSES
+
+
+def test_low_and_full_resolution_postprocess_agree(model):
+    images = torch.stack([_image(64, 96, seed=9).float()])
+    with torch.no_grad():
+        low = model.predict_sem_seg_probs(images)
+        model.postprocess = "full"
+        try:
+            full = model.predict_sem_seg_probs(images)
+        finally:
+            model.postprocess = "low"
+    assert full.shape == low.shape == (1, NUM_CLASSES, 64, 96)
+    agree = (low.argmax(1) == full.argmax(1)).float().mean()
+    assert agree > 0.9, f"argmax agreement {agree:.3f}"
+    assert (low - full).abs().mean() < 0.05 * full.abs().mean()
+
+
+def test_bgr_input_format_is_rejected():
+    cfg = tiny_cfg()
+    cfg.INPUT.FORMAT = "BGR"
+    with pytest.raises(ValueError, match="RGB"):
+        build_model(cfg)
