@@ -152,8 +152,11 @@ def build_predictor(cfg):
     model = build_model(cfg)
     model.eval()
     if cfg.MODEL.WEIGHTS:
-        if not os.path.isfile(cfg.MODEL.WEIGHTS):
-            raise FileNotFoundError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: no such file")
+        if "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
+            raise FileNotFoundError(
+                f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: no such file (pass a trained checkpoint "
+                "with --opts MODEL.WEIGHTS path/to/model_final.pth)"
+            )
         DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     else:
         logger.warning("MODEL.WEIGHTS is empty: the model is randomly initialised")

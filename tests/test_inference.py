@@ -231,3 +231,47 @@ def test_from_config_reads_test_keys():
     )
     assert len(inf.views) == 4 and inf.precision == "bf16" and inf.size_divisibility == 16
     assert inf.pad_value == tuple(float(v) for v in cfg.MODEL.PIXEL_MEAN)
+
+
+def test_tiny_segclip_eval_runs_through_its_inferencer(tmp_path):
+    """The real (tiny, random) model: its eval forward goes through SegInferencer, and sliding
+    windows whose crop covers the image reproduce whole-image inference."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+    from test_demo import TINY_CONFIG  # tests/ is on sys.path (rootdir-relative imports)
+
+    import segclip_d2.modeling  # noqa: F401
+    import segclip_d2.modeling.backbone  # noqa: F401
+    import segclip_d2.modeling.meta_arch  # noqa: F401
+    from segclip_d2 import add_segclip_config
+
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(TINY_CONFIG.replace("{head}", "linear"))
+    cfg = get_cfg()
+    add_segclip_config(cfg)
+    cfg.merge_from_file(str(cfg_file))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert isinstance(model.inferencer, SegInferencer)
+    image = (torch.rand(3, 40, 72) * 255).to(torch.uint8)
+    with torch.no_grad():
+        (out,) = model([{"image": image, "height": 40, "width": 72}])
+    assert model.inferencer.num_predict_calls == 1
+    probs = out["sem_seg"]
+    assert probs.shape == (7, 40, 72) and torch.isfinite(probs).all()
+    cfg.defrost()
+    cfg.TEST.MODE = "slide"
+    cfg.TEST.SLIDE.CROP_SIZE = (64, 96)
+    cfg.TEST.SLIDE.STRIDE = (32, 32)
+    slide = SegInferencer(cfg)  # pads with the pixel mean, like the model's own inferencer
+    torch.testing.assert_close(
+        slide(model.predict_sem_seg_probs, image.float()), probs, rtol=0, atol=1e-6
+    )
+    # Windows smaller than the image: finite, same shape, several batched calls.
+    cfg.TEST.SLIDE.CROP_SIZE = (32, 32)
+    cfg.TEST.SLIDE.STRIDE = (16, 32)
+    cfg.TEST.SLIDE.BATCH_SIZE = 2
+    slide = SegInferencer(cfg)
+    windows = slide(model.predict_sem_seg_probs, image.float())
+    assert windows.shape == probs.shape and torch.isfinite(windows).all()
+    assert slide.num_predict_calls == 3  # 2 x 3 windows, 2 per batch
