@@ -1,0 +1,1 @@
+"""Small shared helpers (weight loading for open_clip models)."""
