@@ -1,10 +1,13 @@
-"""Layers of segclip-d2: multi-scale deformable attention (compiled op + PyTorch reference)."""
+"""Layers of segclip-d2: multi-scale deformable attention (compiled op + PyTorch reference).
+
+The function lives at ``segclip_d2.layers.ms_deform_attn.ms_deform_attn``; it is not re-exported
+here so that ``segclip_d2.layers.ms_deform_attn`` always names the module.
+"""
 
 from .ms_deform_attn import (
     MSDeformAttn,
     extension_available,
     extension_has_cuda,
-    ms_deform_attn,
     ms_deform_attn_pytorch,
 )
 
@@ -12,6 +15,5 @@ __all__ = [
     "MSDeformAttn",
     "extension_available",
     "extension_has_cuda",
-    "ms_deform_attn",
     "ms_deform_attn_pytorch",
 ]

@@ -1,0 +1,374 @@
+"""Multi-scale deformable attention: compiled op vs reference, gradients, dispatch, bad input."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import segclip_d2.layers.ms_deform_attn as msda
+from segclip_d2.layers import MSDeformAttn, ms_deform_attn_pytorch
+from segclip_d2.layers.ms_deform_attn import ms_deform_attn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUILD_HINT = "segclip_d2._C is not built (run `.venv/bin/pip install --no-build-isolation -e .`)"
+needs_ext = pytest.mark.skipif(not msda.extension_available(), reason=BUILD_HINT)
+needs_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and msda.extension_has_cuda()),
+    reason="needs a GPU and segclip_d2._C built with CUDA",
+)
+
+
+def make_inputs(shapes, batch, heads, head_dim, queries, points, dtype, seed, outside=0.3):
+    """Random inputs; `outside` widens the location range beyond [0, 1] on each side."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor(shapes, dtype=torch.long)
+    areas = shapes[:, 0] * shapes[:, 1]
+    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    S, L = int(areas.sum()), len(shapes)
+    value = torch.randn(batch, S, heads, head_dim, generator=g, dtype=dtype)
+    loc = torch.rand(batch, queries, heads, L, points, 2, generator=g, dtype=dtype)
+    loc = loc * (1 + 2 * outside) - outside
+    attn = torch.rand(batch, queries, heads, L, points, generator=g, dtype=dtype)
+    return value, shapes, starts, loc, attn
+
+
+def naive_ms_deform_attn(value, shapes, starts, loc, attn):
+    """Loop version of the definition: pixel centres at (i + 0.5) / W, zeros outside the map."""
+    B, _, H, Dh = value.shape
+    _, Q, _, L, P, _ = loc.shape
+    out = torch.zeros(B, Q, H, Dh, dtype=value.dtype)
+    for b in range(B):
+        for q in range(Q):
+            for h in range(H):
+                for lvl in range(L):
+                    hl, wl = shapes[lvl].tolist()
+                    for p in range(P):
+                        x = float(loc[b, q, h, lvl, p, 0]) * wl - 0.5
+                        y = float(loc[b, q, h, lvl, p, 1]) * hl - 0.5
+                        x0, y0 = (
+                            int(torch.floor(torch.tensor(x))),
+                            int(torch.floor(torch.tensor(y))),
+                        )
+                        for yi in (y0, y0 + 1):
+                            for xi in (x0, x0 + 1):
+                                if 0 <= xi < wl and 0 <= yi < hl:
+                                    w = (1 - abs(x - xi)) * (1 - abs(y - yi))
+                                    pos = int(starts[lvl]) + yi * wl + xi
+                                    out[b, q, h] += attn[b, q, h, lvl, p] * w * value[b, pos, h]
+    return out.view(B, Q, H * Dh)
+
+
+def test_reference_matches_definition():
+    value, shapes, starts, loc, attn = make_inputs(
+        [[5, 7], [3, 2]], 2, 2, 3, 5, 3, torch.float64, seed=0
+    )
+    expected = naive_ms_deform_attn(value, shapes, starts, loc, attn)
+    got = ms_deform_attn_pytorch(value, shapes, loc, attn)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_extension_built_when_required():
+    """CI sets SEGCLIP_REQUIRE_EXT=1: there a missing extension is a failure, not a skip."""
+    if os.environ.get("SEGCLIP_REQUIRE_EXT", "0") != "1":
+        pytest.skip("SEGCLIP_REQUIRE_EXT is not set")
+    assert msda.extension_available(), f"{BUILD_HINT}: {msda._IMPORT_ERROR}"
+
+
+@needs_ext
+def test_gradcheck_cpu_kernel_float64():
+    g = torch.Generator().manual_seed(1)
+    shapes = torch.tensor([[3, 4], [2, 3]])
+    starts = torch.tensor([0, 12])
+    B, Q, H, Dh, L, P = 2, 3, 2, 3, 2, 2
+    value = torch.randn(B, 18, H, Dh, dtype=torch.float64, generator=g, requires_grad=True)
+    # pixel coordinates with fractional parts away from the kinks at integers, partly outside
+    wh = torch.stack([shapes[:, 1], shapes[:, 0]], -1).double()  # (L, 2)
+    cells = torch.randint(-2, 5, (B, Q, H, L, P, 2), generator=g).double()
+    frac = 0.15 + 0.7 * torch.rand(B, Q, H, L, P, 2, dtype=torch.float64, generator=g)
+    loc = ((cells + frac + 0.5) / wh[None, None, None, :, None, :]).requires_grad_()
+    attn = torch.rand(B, Q, H, L, P, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def fn(v, sl, aw):
+        return ms_deform_attn(v, shapes, starts, sl, aw, impl="cpp")
+
+    assert torch.autograd.gradcheck(fn, (value, loc, attn), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+CASES = [
+    # (level shapes (H_l, W_l), batch, heads, head_dim, queries, points)
+    ([[6, 9]], 1, 1, 32, 7, 1),
+    ([[8, 5], [4, 3]], 2, 3, 5, 11, 4),
+    ([[10, 13], [5, 7], [3, 4]], 3, 2, 32, 9, 3),
+    ([[16, 12], [8, 6], [4, 3], [1, 2]], 2, 4, 16, 13, 2),
+    ([[7, 3], [1, 1], [2, 9], [5, 5]], 1, 8, 64, 5, 4),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_kernel_matches_reference(case, dtype):
+    shapes, batch, heads, head_dim, queries, points = CASES[case]
+    value, shapes, starts, loc, attn = make_inputs(
+        shapes, batch, heads, head_dim, queries, points, dtype, seed=case
+    )
+    inputs = [t.requires_grad_() for t in (value, loc, attn)]
+    out = ms_deform_attn(value, shapes, starts, loc, attn, impl="cpp")
+    ref = ms_deform_attn_pytorch(value, shapes, loc, attn)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    grad_out = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    ref_grads = torch.autograd.grad(ref, inputs, grad_out)
+    gtol = 1e-4 if dtype == torch.float32 else 1e-10
+    for name, g, rg in zip(("value", "sampling_locations", "attention_weights"), grads, ref_grads):
+        scale = rg.abs().max().clamp_min(1e-12)
+        err = ((g - rg).abs().max() / scale).item()
+        assert err < gtol, f"grad of {name}: relative error {err:.2e}"
+
+
+@needs_ext
+def test_far_outside_points_contribute_nothing():
+    value, shapes, starts, loc, attn = make_inputs(
+        [[4, 6], [2, 3]], 1, 2, 4, 6, 2, torch.float32, 3
+    )
+    loc[0, :3] = 1e6  # far outside: must neither crash nor contribute
+    loc[0, 3:, :, :, :, 0] = -1e6
+    for t in (value, loc, attn):
+        t.requires_grad_()
+    out = ms_deform_attn(value, shapes, starts, loc, attn, impl="cpp")
+    assert torch.equal(out, torch.zeros_like(out))
+    grads = torch.autograd.grad(out, (value, loc, attn), torch.ones_like(out))
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+@needs_ext
+def test_half_precision_is_computed_in_float32():
+    value, shapes, starts, loc, attn = make_inputs(
+        [[6, 5], [3, 3]], 1, 2, 8, 4, 2, torch.float32, 4
+    )
+    out = ms_deform_attn(value.half(), shapes, starts, loc.half(), attn.half(), impl="cpp")
+    assert out.dtype == torch.float16
+    ref = ms_deform_attn_pytorch(
+        value.half().float(), shapes, loc.half().float(), attn.half().float()
+    )
+    torch.testing.assert_close(out.float(), ref, rtol=2e-3, atol=2e-3)
+
+
+@needs_ext
+def test_noncontiguous_inputs_are_handled_by_wrapper():
+    value, shapes, starts, loc, attn = make_inputs([[5, 4]], 2, 2, 6, 5, 2, torch.float32, 5)
+    value_t = value.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    assert not value_t.is_contiguous()
+    out = ms_deform_attn(value_t, shapes, starts, loc, attn, impl="cpp")
+    torch.testing.assert_close(out, ms_deform_attn_pytorch(value, shapes, loc, attn))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _c_args(**overrides):
+    value, shapes, starts, loc, attn = make_inputs(
+        [[4, 5], [2, 3]], 2, 2, 4, 3, 2, torch.float32, 6
+    )
+    args = {"value": value, "shapes": shapes, "starts": starts, "loc": loc, "attn": attn}
+    args.update(overrides)
+    return args
+
+
+def _call_c(args):
+    return msda._C.ms_deform_attn_forward(
+        args["value"], args["shapes"], args["starts"], args["loc"], args["attn"]
+    )
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "name,make_bad,message",
+    [
+        ("float16 value", lambda a: {"value": a["value"].half()}, "float32 or float64"),
+        ("int value", lambda a: {"value": a["value"].long()}, "float32 or float64"),
+        ("mixed dtypes", lambda a: {"loc": a["loc"].double()}, "must have one dtype"),
+        ("int32 shapes", lambda a: {"shapes": a["shapes"].int()}, "int64"),
+        (
+            "non-contiguous value",
+            lambda a: {"value": a["value"].transpose(0, 1).contiguous().transpose(0, 1)},
+            "value must be contiguous",
+        ),
+        (
+            "S mismatch",
+            lambda a: {"value": a["value"][:, :-1].contiguous()},
+            r"is 26 but value has S=25",
+        ),
+        ("loc rank", lambda a: {"loc": a["loc"][..., 0].contiguous()}, r"\(B, Q, H, L, P, 2\)"),
+        ("value rank", lambda a: {"value": a["value"].flatten(2)}, r"\(B, S, H, Dh\)"),
+        ("attn shape", lambda a: {"attn": a["attn"][..., :1].contiguous()}, "attention_weights"),
+        ("level count", lambda a: {"shapes": a["shapes"][:1].contiguous()}, "does not match value"),
+        ("starts", lambda a: {"starts": torch.tensor([0, 19])}, "not the running sum"),
+        (
+            "shapes rank",
+            lambda a: {"shapes": a["shapes"].flatten()},
+            r"spatial_shapes must be \(L, 2\)",
+        ),
+        ("zero level", lambda a: {"shapes": torch.tensor([[0, 5], [2, 3]])}, "must be positive"),
+    ],
+)
+def test_bad_input_raises_clear_error(name, make_bad, message):
+    args = _c_args()
+    args.update(make_bad(args))
+    with pytest.raises(RuntimeError, match=message):
+        _call_c(args)
+
+
+@needs_ext
+def test_bad_grad_output_raises():
+    a = _c_args()
+    with pytest.raises(RuntimeError, match="grad_output must be"):
+        msda._C.ms_deform_attn_backward(
+            a["value"], a["shapes"], a["starts"], a["loc"], a["attn"], torch.zeros(2, 3, 7)
+        )
+
+
+def test_unknown_impl_rejected():
+    a = _c_args()
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ms_deform_attn(a["value"], a["shapes"], a["starts"], a["loc"], a["attn"], impl="cuda")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        MSDeformAttn(32, 2, 4, 2, impl="fast")
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def test_cpp_impl_without_extension_names_build_command(monkeypatch):
+    monkeypatch.setattr(msda, "_C", None)
+    a = _c_args()
+    with pytest.raises(RuntimeError, match=r"pip install --no-build-isolation -e \."):
+        ms_deform_attn(a["value"], a["shapes"], a["starts"], a["loc"], a["attn"], impl="cpp")
+
+
+def test_dispatch_logged_once_per_decision(monkeypatch, caplog):
+    monkeypatch.setattr(msda, "_LOGGED_DECISIONS", set())
+    a = _c_args()
+    args = (a["value"], a["shapes"], a["starts"], a["loc"], a["attn"])
+    with caplog.at_level(logging.INFO, logger=msda.__name__):
+        ms_deform_attn(*args, impl="pytorch")
+        ms_deform_attn(*args, impl="pytorch")
+        ms_deform_attn(*args, impl="auto")
+        ms_deform_attn(*args, impl="auto")
+    lines = [r.getMessage() for r in caplog.records if r.name == msda.__name__]
+    expected_auto = "cpp" if msda.extension_available() else "pytorch"
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("MSDeformAttn implementation: pytorch (requested")
+    assert lines[1].startswith(f"MSDeformAttn implementation: {expected_auto}")
+
+
+def _module_inputs(batch=2, d_model=32, queries=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor([[8, 6], [4, 3]])
+    starts = torch.tensor([0, 48])
+    S = 60
+    query = torch.randn(batch, queries, d_model, generator=g)
+    ref = torch.rand(batch, queries, 2, 2, generator=g)
+    feats = torch.randn(batch, S, d_model, generator=g)
+    return query, ref, feats, shapes, starts
+
+
+def test_module_auto_falls_back_without_extension(monkeypatch):
+    """With the extension hidden, impl="auto" runs the reference and gives the same result."""
+    torch.manual_seed(0)
+    module = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
+    with torch.no_grad():  # non-trivial offsets and weights
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    query, ref, feats, shapes, starts = _module_inputs()
+    out_default = module(query, ref, feats, shapes, starts)
+    monkeypatch.setattr(msda, "_C", None)
+    out_hidden = module(query, ref, feats, shapes, starts)
+    assert out_hidden.shape == (2, 6, 32)
+    torch.testing.assert_close(out_hidden, out_default, rtol=1e-5, atol=1e-5)
+    out_hidden.sum().backward()
+    assert module.sampling_offsets.weight.grad is not None
+
+
+def test_package_imports_and_runs_with_extension_disabled():
+    code = (
+        "import torch, segclip_d2\n"
+        "import segclip_d2.layers.ms_deform_attn as m\n"
+        "assert not m.extension_available(), 'extension should be hidden'\n"
+        "mod = m.MSDeformAttn(d_model=16, n_levels=1, n_heads=2, n_points=2)\n"
+        "x = torch.randn(1, 12, 16)\n"
+        "out = mod(x, torch.rand(1, 12, 1, 2), x, torch.tensor([[3, 4]]), torch.tensor([0]))\n"
+        "out.sum().backward()\n"
+        "assert out.shape == (1, 12, 16)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, SEGCLIP_DISABLE_EXT="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("ok")
+
+
+@needs_ext
+def test_module_cpp_matches_pytorch_and_respects_padding_mask():
+    torch.manual_seed(1)
+    mod_cpp = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3, impl="cpp")
+    with torch.no_grad():
+        for p in mod_cpp.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    mod_ref = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3, impl="pytorch")
+    mod_ref.load_state_dict(mod_cpp.state_dict())
+    query, ref, feats, shapes, starts = _module_inputs(seed=2)
+    mask = torch.zeros(2, 60, dtype=torch.bool)
+    mask[:, 40:48] = True  # last row of level 0 is padding
+    out = mod_cpp(query, ref, feats, shapes, starts, mask)
+    torch.testing.assert_close(out, mod_ref(query, ref, feats, shapes, starts, mask))
+    out.square().sum().backward()
+    mod_ref(query, ref, feats, shapes, starts, mask).square().sum().backward()
+    for (name, p), q in zip(mod_cpp.named_parameters(), mod_ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    feats2 = feats.clone()
+    feats2[:, 40:48] = 100.0  # padded positions must not matter
+    torch.testing.assert_close(mod_cpp(query, ref, feats2, shapes, starts, mask), out)
+
+
+def test_module_rejects_mismatched_shapes():
+    module = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
+    query, ref, feats, shapes, starts = _module_inputs()
+    with pytest.raises(ValueError, match="S=59"):
+        module(query, ref, feats[:, :59], shapes, starts)
+    with pytest.raises(ValueError, match="reference_points"):
+        module(query, ref[:, :, :1], feats, shapes, starts)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [32, 8, 5])  # warp-shuffle (Dh | 32) and atomic paths
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_kernel_matches_reference_and_cpu(head_dim, dtype):
+    value, shapes, starts, loc, attn = make_inputs(
+        [[9, 7], [5, 4], [2, 3]], 2, 3, head_dim, 37, 4, dtype, seed=head_dim
+    )
+    cpu = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    gpu = [t.cuda().requires_grad_() for t in (value, loc, attn)]
+    out_cpu = ms_deform_attn(cpu[0], shapes, starts, cpu[1], cpu[2], impl="pytorch")
+    out_gpu = ms_deform_attn(gpu[0], shapes.cuda(), starts.cuda(), gpu[1], gpu[2], impl="cpp")
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=tol, atol=tol)
+    grad_out = torch.randn_like(out_cpu)
+    g_cpu = torch.autograd.grad(out_cpu, cpu, grad_out)
+    g_gpu = torch.autograd.grad(out_gpu, gpu, grad_out.cuda())
+    for a, b in zip(g_gpu, g_cpu):
+        err = ((a.cpu() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+        assert err < (1e-4 if dtype == torch.float32 else 1e-9)
