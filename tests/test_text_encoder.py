@@ -269,3 +269,35 @@ def test_truncated_encoding_equals_full_context_encoding():
         full = shared.encode_text(tokens)
         fast = _encode_text(shared, tokens, normalize=False)
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+
+
+class _ScriptableCLIP(nn.Module):
+    """Holds a CLIP model's parameters under CLIP's names, scriptable (like OpenAI's RN50.pt)."""
+
+    def __init__(self, clip: nn.Module, token_embedding: nn.Module):
+        super().__init__()
+        for name, child in clip.named_children():
+            self.add_module(name, token_embedding if name == "token_embedding" else child)
+        for name, param in clip.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_openai_torchscript_checkpoint(tmp_path):
+    shared, _ = weights.load_open_clip_model("RN50", "")
+    token_embedding = copy.deepcopy(shared.token_embedding)
+    with torch.no_grad():
+        token_embedding.weight.add_(1.0)
+    path = tmp_path / "RN50.pt"
+    torch.jit.save(torch.jit.script(_ScriptableCLIP(shared, token_embedding)), str(path))
+
+    enc = FrozenCLIPTextEncoder(model_name="RN50", pretrained=str(path))
+    loaded = enc._clip.obj
+    assert enc.weights_path == str(path)
+    assert torch.equal(loaded.token_embedding.weight, token_embedding.weight)
+    assert torch.equal(loaded.ln_final.weight, shared.ln_final.weight)
+    # OpenAI's TorchScript models are QuickGELU models.
+    assert any(type(m).__name__ == "QuickGELU" for m in loaded.modules())
+    assert not any(type(m).__name__ == "QuickGELU" for m in shared.modules())

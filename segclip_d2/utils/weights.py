@@ -10,6 +10,9 @@
   at (no retry loop);
 * a path to a local checkpoint: an open_clip state dict (``.bin``/``.pth``/``.pt``/``.safetensors``,
   as loaded by ``open_clip.load_checkpoint``) or an OpenAI CLIP TorchScript file (``RN50.pt``).
+  OpenAI's models use QuickGELU: a TorchScript file switches it on by itself, but for a state-dict
+  copy of OpenAI weights (e.g. the hub's ``open_clip_pytorch_model.bin``) name the model
+  ``RN50-quickgelu`` (a tag sets it from open_clip's pretrained config).
 
 Weights that a tag names but that cannot be found give ONE warning per process and random
 initialisation, or — with ``require_pretrained=True`` — a :class:`PretrainedWeightsError` saying how
