@@ -148,3 +148,24 @@ def test_missing_required_weights_error_names_backbone_keys(monkeypatch, tmp_pat
     cfg.MODEL.CLIP_RESNET.REQUIRE_PRETRAINED = True
     with pytest.raises(weights.PretrainedWeightsError, match="MODEL.CLIP_RESNET.PRETRAINED"):
         build_backbone(cfg)
+
+
+def test_text_encoder_and_backbone_each_warn_once(monkeypatch, tmp_path, caplog):
+    import logging
+
+    import huggingface_hub.constants
+
+    from segclip_d2.modeling.text_encoder import FrozenCLIPTextEncoder
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(weights, "_RESOLVED", {})
+    monkeypatch.setattr(weights, "_WARNED", set())
+    with caplog.at_level(logging.WARNING, logger="segclip_d2.utils.weights"):
+        for _ in range(2):
+            FrozenCLIPTextEncoder(pretrained="openai")
+            CLIPResNetBackbone(pretrained="openai", out_features=["res2"])
+    messages = [r.getMessage() for r in caplog.records if r.name == "segclip_d2.utils.weights"]
+    assert len(messages) == 2
+    assert "MODEL.SEGCLIP.TEXT.PRETRAINED" in messages[0]
+    assert "MODEL.CLIP_RESNET.PRETRAINED" in messages[1]

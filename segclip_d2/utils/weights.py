@@ -61,7 +61,7 @@ class _Resolution:
 
 _MODELS: dict[tuple[str, str | None, bool], nn.Module] = {}
 _RESOLVED: dict[tuple[str, str], _Resolution] = {}
-_WARNED: set[tuple[str, str]] = set()
+_WARNED: set[tuple[str, str, str]] = set()
 _LOCK = threading.RLock()
 
 
@@ -316,8 +316,8 @@ def load_open_clip_model(
             message = _missing_message(model_name, pretrained, res, user, config_key)
             if require_pretrained:
                 raise PretrainedWeightsError(message)
-            if key not in _WARNED:
-                _WARNED.add(key)
+            if (*key, config_key) not in _WARNED:  # once per model, tag and config key
+                _WARNED.add((*key, config_key))
                 logger.warning(
                     f"{message} Continuing with RANDOMLY INITIALISED weights (set {require_key}="
                     "True to make this an error)."
