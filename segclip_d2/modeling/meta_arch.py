@@ -27,6 +27,7 @@ from segclip_d2.inference import SegInferencer
 
 from .criterion import build_criterion
 from .pixel_decoder import build_pixel_decoder
+from .text_encoder import FrozenCLIPTextEncoder
 from .transformer_decoder import SegCLIPTransformerDecoder
 
 logger = logging.getLogger(__name__)
@@ -99,8 +100,6 @@ class SegCLIP(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        from .text_encoder import FrozenCLIPTextEncoder
-
         if cfg.INPUT.FORMAT != "RGB":
             raise ValueError(
                 f"SegCLIP takes RGB images (CLIP convention; the mapper emits RGB): set "
@@ -204,7 +203,7 @@ class SegCLIP(nn.Module):
                 f"predict_sem_seg_probs expects (B, 3, h, w) RGB images, got {tuple(images.shape)}"
             )
         h, w = images.shape[-2:]
-        x = self._normalize(images.to(self.device).float())
+        x = self._normalize(images.to(self.device, self.pixel_mean.dtype))
         d = self.size_divisibility
         ph, pw = (-(-h // d) * d, -(-w // d) * d) if d > 1 else (h, w)
         if (ph, pw) != (h, w):
@@ -255,7 +254,10 @@ class SegCLIP(nn.Module):
                     f"training input {i} ({x.get('file_name', '?')}) has no 'gt_classes'/"
                     "'gt_masks': use the training mapper (segclip_d2.data.mapper)"
                 )
-        images = [self._normalize(x["image"].to(self.device).float()) for x in batched_inputs]
+        images = [
+            self._normalize(x["image"].to(self.device, self.pixel_mean.dtype))
+            for x in batched_inputs
+        ]
         images = ImageList.from_tensors(images, self.size_divisibility)
         targets = self._prepare_targets(batched_inputs, tuple(images.tensor.shape[-2:]))
         guidance = None

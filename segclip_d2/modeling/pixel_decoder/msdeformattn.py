@@ -177,7 +177,8 @@ class MSDeformAttnEncoder(nn.Module):
         )
         valid_ratios = torch.stack([self.valid_ratios(m) for m in masks], 1)  # (B, L, 2)
         reference_points = self.reference_points(shapes, valid_ratios, src_flat.device)
-        reference_points = reference_points.to(src_flat.dtype)
+        # the parameters' dtype, not autocast's: bf16 positions would be off by ~1/256
+        reference_points = reference_points.to(self.level_embed.dtype)
         padding_mask = mask_flat if bool(mask_flat.any()) else None
 
         out = src_flat
