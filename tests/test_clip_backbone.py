@@ -21,6 +21,12 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture
+def private_model_cache(monkeypatch):
+    """Models loaded from temporary checkpoints are dropped after the test (400 MB each)."""
+    monkeypatch.setattr(weights, "_MODELS", dict(weights._MODELS))
+
+
 def _clip_features(visual: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """res2..res5 of open_clip's own image tower (eval mode), as the reference."""
     with torch.no_grad():
@@ -99,7 +105,7 @@ def test_training_does_not_touch_the_shared_clip_model():
     assert not shared.visual.training
 
 
-def test_weights_from_local_checkpoint(tmp_path):
+def test_weights_from_local_checkpoint(tmp_path, private_model_cache):
     shared, _ = weights.load_open_clip_model("RN50", "")
     saved = copy.deepcopy(shared)
     with torch.no_grad():  # weights that differ from the seeded random init

@@ -24,6 +24,12 @@ def offline(monkeypatch):
 
 
 @pytest.fixture
+def private_model_cache(monkeypatch):
+    """Models loaded from temporary checkpoints are dropped after the test (400 MB each)."""
+    monkeypatch.setattr(weights, "_MODELS", dict(weights._MODELS))
+
+
+@pytest.fixture
 def encoder():
     return FrozenCLIPTextEncoder(model_name="RN50", pretrained="")
 
@@ -215,7 +221,7 @@ def test_probe_network_reports_reachability():
     assert reason is not None and str(port) in reason
 
 
-def test_bad_pretrained_values_are_errors(tmp_path):
+def test_bad_pretrained_values_are_errors(tmp_path, private_model_cache):
     with pytest.raises(weights.PretrainedWeightsError, match="neither an existing file"):
         FrozenCLIPTextEncoder(pretrained=str(tmp_path / "missing.pt"))
     with pytest.raises(weights.PretrainedWeightsError, match="yfcc15m"):
@@ -226,7 +232,7 @@ def test_bad_pretrained_values_are_errors(tmp_path):
         FrozenCLIPTextEncoder(pretrained=str(broken))
 
 
-def test_local_checkpoint_round_trip(tmp_path):
+def test_local_checkpoint_round_trip(tmp_path, private_model_cache):
     shared, _ = weights.load_open_clip_model("RN50", "")
     saved = copy.deepcopy(shared)
     with torch.no_grad():  # weights that differ from the seeded random init
@@ -285,7 +291,7 @@ class _ScriptableCLIP(nn.Module):
         return x
 
 
-def test_openai_torchscript_checkpoint(tmp_path):
+def test_openai_torchscript_checkpoint(tmp_path, private_model_cache):
     shared, _ = weights.load_open_clip_model("RN50", "")
     token_embedding = copy.deepcopy(shared.token_embedding)
     with torch.no_grad():
