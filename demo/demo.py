@@ -91,6 +91,13 @@ def setup_cfg(args):
         cfg.TEST.TTA.ENABLED = True
     if args.precision:
         cfg.TEST.PRECISION = args.precision
+    import torch
+
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning(
+            "MODEL.DEVICE is %s but no GPU is available: running on CPU", cfg.MODEL.DEVICE
+        )
+        cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
 

@@ -31,7 +31,15 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL_CONFIG = REPO / "configs" / "synthetic" / "segclip_cpu.yaml"
 R50_CONFIG = REPO / "configs" / "loveda" / "segclip_R50.yaml"
 REAL_TILES = REPO.parent / "shared" / "data" / "loveda" / "images"
-OFFLINE_OPTS = ["MODEL.SEGCLIP.TEXT.PRETRAINED", "", "MODEL.CLIP_RESNET.PRETRAINED", ""]
+# Random init, no weight lookups, CPU (the configs default to CUDA).
+OFFLINE_OPTS = [
+    "MODEL.SEGCLIP.TEXT.PRETRAINED",
+    "",
+    "MODEL.CLIP_RESNET.PRETRAINED",
+    "",
+    "MODEL.DEVICE",
+    "cpu",
+]
 
 
 # ---------------------------------------------------------------------- subprocess plumbing
@@ -375,8 +383,6 @@ def mode_geotiff_scaling(args) -> None:
             str(args.block_margin),
             "--opts",
             *OFFLINE_OPTS,
-            "MODEL.DEVICE",
-            "cpu",
             *args.opts,
         ]
         env_threads = f"torch threads {args.threads}"
