@@ -4,8 +4,13 @@ import pytest
 import torch
 
 from segclip_d2.modeling.transformer_decoder import (
+    MLP,
+    CrossAttentionLayer,
+    CrossModalFeatureFusion,
+    FFNLayer,
     PositionEmbeddingSine,
     SegCLIPTransformerDecoder,
+    SelfAttentionLayer,
     TextClassHead,
     TextQueryGenerator,
     gt_masks_to_attention,
@@ -177,3 +182,27 @@ def test_position_embedding_sine():
     pad = torch.zeros(2, 4, 5, dtype=torch.bool)
     pad[:, 2:] = True  # the valid rows are normalised over the valid extent only
     assert not torch.allclose(pe(x, pad)[:, :, :2], pos[:, :, :2])
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_cff_and_attention_layer_shapes(pre_norm):
+    torch.manual_seed(0)
+    cff = CrossModalFeatureFusion(C, 4, 64, 0.0, pre_norm)
+    q, qpos = torch.randn(B, N, C), torch.randn(B, N, C)
+    mem, mpos = torch.randn(B, 12, C), torch.randn(B, 12, C)
+    out = cff(q, qpos, mem, mpos)
+    assert out.shape == (B, N, C) and torch.isfinite(out).all()
+    # the fused queries depend on the image memory (cross-attention) ...
+    assert not torch.allclose(cff(q, qpos, mem + torch.randn(C), mpos), out)
+    # ... and every slot on the others (self-attention): change slot 0, slot 1 moves too
+    q2 = q.clone()
+    q2[:, 0] += torch.randn(C)  # (not a constant shift: LayerNorm would remove it)
+    assert not torch.allclose(cff(q2, qpos, mem, mpos)[:, 1], out[:, 1])
+    assert SelfAttentionLayer(C, 4, normalize_before=pre_norm)(q, query_pos=qpos).shape == q.shape
+    cross = CrossAttentionLayer(C, 4, normalize_before=pre_norm)
+    assert cross(q, mem, pos=mpos, query_pos=qpos).shape == q.shape
+    assert FFNLayer(C, 64, normalize_before=pre_norm)(q).shape == q.shape
+    assert MLP(C, C, M, 3)(q).shape == (B, N, M)
+    dec = _decoder(pre_norm=pre_norm)
+    x, mf, text = _inputs()
+    assert dec(x, mf, text, _guidance())["guidance"]["pred_masks"].shape == (B, 2, 16, 16)
