@@ -158,8 +158,11 @@ def test_damaged_or_unfinished_set_is_repaired(tmp_path, no_env):
     # A truncated file is noticed even though the marker is there.
     victim = out / "train" / "labels" / "train_0001.png"
     victim.write_bytes(victim.read_bytes()[:20])
+    other = out / "train" / "images" / "train_0002.png"
+    stamp = other.stat().st_mtime_ns
     ensure_synthetic_aerial(tmp_path, **kw)
     assert _files(out) == good
+    assert other.stat().st_mtime_ns == stamp, "intact tiles should be kept, not regenerated"
     # No marker (interrupted before the end) and a missing and a truncated file.
     (out / "meta.json").unlink()
     (out / "val" / "images" / "val_0001.png").unlink()

@@ -59,7 +59,7 @@ FACTS = get_facts("synthetic_aerial")
 DATASET_DIR = "synthetic_aerial"
 SPLITS = ("train", "val")
 # Bump when the generator changes what a seed produces: existing sets are then regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MARKER_NAME = "meta.json"
 PROGRESS_NAME = ".generating.json"
 LOCK_NAME = ".lock"
@@ -487,8 +487,9 @@ def _render_ground(rng: np.random.Generator, cv: _Canvas) -> np.ndarray:
             c = tuple(int(v) for v in rng.uniform(0, 1, 2) * [w, h])
             if rng.random() < 0.6:
                 col = (rng.uniform(40, 80), rng.uniform(65, 100), rng.uniform(35, 60))
-                cv2.circle(clutter, c, int(rng.integers(2, 6)), col, -1)
-                cv2.circle(clutter_mask, c, int(rng.integers(2, 6)), 1, -1)
+                radius = int(rng.integers(2, 6))
+                cv2.circle(clutter, c, radius, col, -1)
+                cv2.circle(clutter_mask, c, radius, 1, -1)
             else:
                 half = rng.uniform(2, 7, 2)
                 p0 = (int(c[0] - half[0]), int(c[1] - half[1]))
@@ -677,9 +678,11 @@ def _locked(path: Path):
 def _generate(out: Path, params: dict) -> None:
     """Write every missing or damaged tile, drop stale ones, then write the marker."""
     start = time.perf_counter()
+    # Finished tiles are reused when they were made with these parameters: by an interrupted
+    # run (progress file) or for a marker whose files were damaged since.
+    made_with = [_read_json(out / name) or {} for name in (PROGRESS_NAME, MARKER_NAME)]
+    resume = any(m.get("params") == params for m in made_with)
     (out / MARKER_NAME).unlink(missing_ok=True)
-    progress = _read_json(out / PROGRESS_NAME)
-    resume = bool(progress) and progress.get("params") == params
     _write_json_atomic(out / PROGRESS_NAME, {"params": params})
     counts = {"train": params["num_train"], "val": params["num_val"]}
     files: dict[str, int] = {}
