@@ -110,10 +110,20 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["dispatched", "baseline"])
+def cpu_copy(request):
+    """Runs a test with the CPU kernel copy picked for this machine, then the baseline copy."""
+    if not msda.extension_available():
+        pytest.skip(BUILD_HINT)
+    msda._C._force_baseline_cpu(request.param == "baseline")
+    yield request.param
+    msda._C._force_baseline_cpu(False)
+
+
 @needs_ext
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_kernel_matches_reference(case, dtype):
+def test_cpu_kernel_matches_reference(case, dtype, cpu_copy):
     shapes, batch, heads, head_dim, queries, points = CASES[case]
     value, shapes, starts, loc, attn = make_inputs(
         shapes, batch, heads, head_dim, queries, points, dtype, seed=case

@@ -145,7 +145,7 @@ def _compiled_supports(device: torch.device) -> tuple[bool, str]:
     if _C is None:
         return False, f"compiled op segclip_d2._C not available ({_IMPORT_ERROR})"
     if device.type == "cpu":
-        return True, "compiled CPU kernel segclip_d2._C"
+        return True, f"compiled CPU kernel segclip_d2._C, {_C.cpu_isa()}"
     if device.type == "cuda":
         if extension_has_cuda():
             return True, "compiled CUDA kernel segclip_d2._C"

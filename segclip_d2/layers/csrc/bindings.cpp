@@ -258,4 +258,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "same inputs + grad_output (B,Q,H*Dh) -> [grad_value, grad_sampling_locations, "
       "grad_attention_weights]");
   m.def("with_cuda", &segclip::with_cuda, "whether the CUDA kernels were compiled in");
+  m.def(
+      "cpu_isa",
+      [] { return segclip::cpu_kernel_uses_avx2() ? "avx2+fma" : "baseline"; },
+      "instruction set of the CPU kernel copy used on this machine");
+  m.def(
+      "_force_baseline_cpu",
+      &segclip::cpu_kernel_force_baseline,
+      "testing: run the baseline CPU kernel copy even when AVX2 is available");
 }

@@ -25,6 +25,12 @@ std::vector<at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& attention_weights,
     const at::Tensor& grad_output);
 
+// Whether the CPU kernels run their AVX2+FMA copy on this machine (else the baseline copy).
+bool cpu_kernel_uses_avx2();
+
+// Forces the baseline copy even on AVX2 machines (tests compare both copies).
+void cpu_kernel_force_baseline(bool force);
+
 #ifdef WITH_CUDA
 at::Tensor ms_deform_attn_forward_cuda(
     const at::Tensor& value,
