@@ -30,7 +30,9 @@ import argparse
 import glob
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -218,8 +220,15 @@ def process_input(path: Path, stem: str, out_dir: Path, predictor, colors, args)
     return f"{path}: {src.height}x{src.width}, {n} block(s), {dt:.1f} s -> {', '.join(written)}"
 
 
+def _exit_on_sigterm(signum, frame):
+    # SystemExit unwinds the stack, so partly written outputs' temp files are removed.
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)

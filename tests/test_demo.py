@@ -97,10 +97,10 @@ def demo_run(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("demo")
     inputs = tmp / "inputs"
     inputs.mkdir()
-    # A 96x160 crop of the real tile keeps the test fast (the model runs at full resolution).
-    real = cv2.imread(str(shared))[300:396, 200:360]
+    # A 64x120 crop of the real tile keeps the test fast (the model runs at full resolution).
+    real = cv2.imread(str(shared))[300:364, 200:320]
     cv2.imwrite(str(inputs / "tile.png"), real)
-    transform = write_geotiff(inputs / "scene.tif")
+    transform = write_geotiff(inputs / "scene.tif", height=100, width=60)
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
     with rasterio.open(
         inputs / "twoband.tif", "w", driver="GTiff", height=20, width=20, count=2, dtype="uint8"
@@ -128,7 +128,7 @@ def demo_run(tmp_path_factory, request):
                 str(out),
                 "--no-progress",
                 "--block-size",
-                "48",
+                "64",
                 "--block-margin",
                 "8",
             ]
@@ -170,7 +170,7 @@ def test_demo_geotiff_keeps_crs_transform_nodata_and_colour_table(demo_run):
         assert ds.crs.to_epsg() == 32633
         assert ds.transform == demo_run["transform"]
         assert ds.nodata == 255 and ds.count == 1 and ds.dtypes[0] == "uint8"
-        assert (ds.height, ds.width) == (100, 90)
+        assert (ds.height, ds.width) == (100, 60)
         ids = ds.read(1)
         cmap = ds.colormap(1)
     assert (ids[:10] == 255).all(), "no-data rows must get the nodata class"
@@ -215,8 +215,9 @@ def test_demo_classes_needs_the_text_head(tmp_path, caplog):
     assert "CLASS_HEAD text" in caplog.text and "linear" in caplog.text
 
 
-def test_demo_custom_vocabulary_with_text_head_tta_and_bf16(tmp_path):
+def test_demo_custom_vocabulary_with_text_head_tta_and_bf16(tmp_path, caplog):
     demo = load_demo()
+    caplog.set_level(logging.INFO)
     img = tmp_path / "gray.png"
     g = np.random.default_rng(1)
     cv2.imwrite(str(img), g.integers(0, 65535, (40, 56), dtype=np.uint16))  # 16-bit grayscale
@@ -234,9 +235,14 @@ def test_demo_custom_vocabulary_with_text_head_tta_and_bf16(tmp_path):
             "--precision",
             "bf16",
             "--no-progress",
+            "--opts",
+            "TEST.TTA.ROTATIONS",
+            "[]",
         ]
     )
     assert code == 0
+    # --tta with rotations switched off: identity + 2 flips; --precision reaches the inferencer.
+    assert "views=3" in caplog.text and "precision=bf16" in caplog.text
     pred = cv2.imread(str(tmp_path / "out" / "gray_pred.png"), cv2.IMREAD_UNCHANGED)
     assert pred.shape == (40, 56) and pred.max() < 3
     color = cv2.imread(str(tmp_path / "out" / "gray_color.png"))[:, :, ::-1]
