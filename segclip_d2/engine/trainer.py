@@ -83,6 +83,8 @@ class SegCLIPTrainer(DefaultTrainer):
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
+        if comm.is_main_process() and cfg.OUTPUT_DIR:
+            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         self.register_hooks(self.build_hooks())
 
     # ------------------------------------------------------------------ state
