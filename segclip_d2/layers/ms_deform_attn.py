@@ -17,9 +17,14 @@ Conventions of the compiled op wrapper:
 * Inputs are made contiguous before the op is called (the C++ op itself checks contiguity).
 * float16 / bfloat16 inputs are cast to float32 for the compiled op and the result is cast back
   to the input dtype; gradients flow back through the casts.
+* The compiled backward is first-order only (``once_differentiable``); use ``impl="pytorch"``
+  for double backward.
 * Setting the environment variable ``SEGCLIP_DISABLE_EXT=1`` before import hides the extension
   (``"auto"`` then uses the reference); tests may also set ``segclip_d2.layers.ms_deform_attn._C``
   to ``None``.
+
+The CPU kernel is compiled in a baseline copy and an AVX2+FMA copy chosen at run time
+(``_C.cpu_isa()`` tells which one runs; the log line names it too).
 """
 
 from __future__ import annotations
