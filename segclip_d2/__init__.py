@@ -4,8 +4,9 @@ Importing the package registers its datasets, dataset mappers, backbones, pixel 
 meta-architecture in detectron2's registries.
 """
 
-from . import data  # noqa: F401  (dataset splits and mappers)
-from . import modeling  # noqa: F401  (SegCLIP, MSDeformAttnPixelDecoder, CLIP ResNet backbone)
+# Imported for their registrations: dataset splits and mappers; SegCLIP, the pixel decoder and
+# the CLIP ResNet backbone.
+from . import data, modeling  # noqa: F401
 from .config import add_segclip_config
 
 __all__ = ["add_segclip_config"]
