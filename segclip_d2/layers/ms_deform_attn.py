@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,13 @@ else:
     except ImportError as e:  # only a missing/unloadable extension, never other errors
         _C = None
         _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+        if any(Path(__file__).resolve().parents[1].glob("_C.*")):
+            # built but not loadable (e.g. compiled against another torch): say so loudly
+            logger.warning(
+                "segclip_d2._C exists but failed to load (%s); rebuild it with %s",
+                _IMPORT_ERROR,
+                BUILD_COMMAND,
+            )
 
 _LOGGED_DECISIONS: set[tuple[str, str]] = set()
 
