@@ -38,6 +38,8 @@ from pathlib import Path
 
 logger = logging.getLogger("segclip_d2.demo")
 
+# GDAL block cache (MB) while the demo reads and writes rasters.
+GDAL_CACHE_MB = 64
 # Errors that make one input fail without stopping the others.
 _INPUT_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError)
 
@@ -279,13 +281,27 @@ def main(argv=None) -> int:
         out_dir / "legend.png", draw_legend(classes, colors, title=Path(args.config_file).stem)
     )
 
-    used_stems: dict[str, int] = {}
-    n_ok = 0
     iterator = files
     if not args.no_progress and len(files) > 1:
         from tqdm import tqdm
 
         iterator = tqdm(files, desc="inputs", unit="file")
+    import rasterio
+
+    # GDAL's block cache defaults to 5% of RAM; a small cap keeps GeoTIFF memory flat in size.
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        failures += _run_inputs(iterator, out_dir, predictor, colors, args)
+    n_ok = len(files) - sum(1 for p, _ in failures if Path(p) in files)
+    logger.info("%d input(s) done, %d failed; outputs in %s", n_ok, len(failures), out_dir)
+    for p, why in failures:
+        logger.info("  failed: %s (%s)", p, why)
+    return 1 if failures else 0
+
+
+def _run_inputs(iterator, out_dir, predictor, colors, args) -> list[tuple[str, str]]:
+    """Process every input; returns (path, reason) of those that failed."""
+    failures = []
+    used_stems: dict[str, int] = {}
     for path in iterator:
         stem = path.stem
         if stem in used_stems:
@@ -296,15 +312,11 @@ def main(argv=None) -> int:
             used_stems[stem] = 0
         try:
             logger.info("%s", process_input(path, stem, out_dir, predictor, colors, args))
-            n_ok += 1
         except _INPUT_ERRORS as e:
             msg = str(e) if str(path) in str(e) else f"{path}: {e}"
             logger.error("failed: %s", msg)
             failures.append((str(path), str(e)))
-    logger.info("%d input(s) done, %d failed; outputs in %s", n_ok, len(failures), out_dir)
-    for p, why in failures:
-        logger.info("  failed: %s (%s)", p, why)
-    return 1 if failures else 0
+    return failures
 
 
 if __name__ == "__main__":
