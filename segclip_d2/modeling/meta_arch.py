@@ -209,14 +209,17 @@ class SegCLIP(nn.Module):
         if (ph, pw) != (h, w):
             x = F.pad(x, (0, pw - w, 0, ph - h), value=0.0)
         out = self._run(x)
-        cls = out["pred_logits"].softmax(-1)[..., :-1]  # (B, N, K)
-        masks = out["pred_masks"]  # (B, N, ph/4, pw/4)
-        if self.postprocess == "full":
-            masks = F.interpolate(masks, size=(ph, pw), mode="bilinear", align_corners=False)
-            return torch.einsum("bqk,bqhw->bkhw", cls, masks[:, :, :h, :w].sigmoid())
-        probs = torch.einsum("bqk,bqhw->bkhw", cls, masks.sigmoid())  # (B, K, ph/4, pw/4)
-        probs = F.interpolate(probs, size=(ph, pw), mode="bilinear", align_corners=False)
-        return probs[:, :, :h, :w]
+        # The softmax, sigmoid and class-mask combination run in fp32 even under bf16/fp16
+        # autocast: they decide the argmax and are cheap next to the network.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            cls = out["pred_logits"].float().softmax(-1)[..., :-1]  # (B, N, K)
+            masks = out["pred_masks"].float()  # (B, N, ph/4, pw/4)
+            if self.postprocess == "full":
+                masks = F.interpolate(masks, size=(ph, pw), mode="bilinear", align_corners=False)
+                return torch.einsum("bqk,bqhw->bkhw", cls, masks[:, :, :h, :w].sigmoid())
+            probs = torch.einsum("bqk,bqhw->bkhw", cls, masks.sigmoid())  # (B, K, ph/4, pw/4)
+            probs = F.interpolate(probs, size=(ph, pw), mode="bilinear", align_corners=False)
+            return probs[:, :, :h, :w]
 
     def forward(self, batched_inputs: list[dict]):
         """
