@@ -78,4 +78,37 @@ def test_two_cpu_processes_match_one(tmp_path):
     assert d_one.norm() > 0
     rel = ((d_one - d_two).norm() / d_one.norm()).item()
     cos = torch.nn.functional.cosine_similarity(d_one, d_two, dim=0).item()
+    print(f"update difference: relative {rel:.4f}, cosine {cos:.5f}")
     assert rel < 0.1 and cos > 0.99, f"updates differ: relative {rel:.3f}, cosine {cos:.4f}"
+
+
+def _normalizer_worker(out_dir):
+    """Rank 0 has 1 target mask, rank 1 has 5: the criterion must use the global averages."""
+    from detectron2.utils import comm
+
+    from segclip_d2.modeling.criterion import SetCriterion
+    from segclip_d2.modeling.matcher import HungarianMatcher
+
+    rank = comm.get_rank()
+    num_targets = 1 if rank == 0 else 5
+    crit = SetCriterion(7, HungarianMatcher(num_points=16), eos_coef=0.1, num_points=16)
+    outputs = {"pred_logits": torch.zeros(1, 6, 8), "pred_masks": torch.zeros(1, 6, 4, 4)}
+    targets = [
+        {
+            "labels": torch.arange(num_targets),
+            "masks": torch.ones(num_targets, 16, 16, dtype=torch.bool),
+        }
+    ]
+    norms = crit._global_normalizers(outputs, targets, torch.device("cpu"))
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(norms))
+
+
+def test_criterion_normalisers_are_global(tmp_path):
+    from segclip_d2.engine.launch import launch
+
+    launch(_normalizer_worker, 2, dist_url="auto", args=(tmp_path,))
+    for rank in (0, 1):
+        norms = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert norms["num_masks"] == pytest.approx(3.0)  # (1 + 5) / 2
+        # Matched queries weigh 1, the others 0.1: ((1 + 0.5) + (5 + 0.1)) / 2.
+        assert norms["ce"] == pytest.approx(3.3)
