@@ -52,7 +52,7 @@ def _guidance(seed=2, classes=((0, 2), (1,))):
 
 
 def test_output_structure_and_shapes():
-    dec = _decoder()
+    dec = _decoder().train()  # deep-supervision outputs exist in training
     x, mf, text = _inputs()
     out = dec(x, mf, text)
     assert out["pred_logits"].shape == (B, N, K + 1)
@@ -73,7 +73,7 @@ def test_output_structure_and_shapes():
 
 
 def test_guidance_group_does_not_leak_into_ordinary_queries():
-    dec = _decoder()
+    dec = _decoder().train()  # dropout is 0: training mode is deterministic here
     x, mf, text = _inputs()
     plain = dec(x, mf, text)
     a = dec(x, mf, text, _guidance(seed=2, classes=((0, 2), (1,))))
@@ -206,3 +206,15 @@ def test_cff_and_attention_layer_shapes(pre_norm):
     dec = _decoder(pre_norm=pre_norm)
     x, mf, text = _inputs()
     assert dec(x, mf, text, _guidance())["guidance"]["pred_masks"].shape == (B, 2, 16, 16)
+
+
+def test_inference_fast_path_equals_full_predictions():
+    """Eval computes intermediate masks at the attention maps' resolution only; the final
+    prediction must equal the training-mode computation of every stride-4 mask."""
+    dec = _decoder()
+    x, mf, text = _inputs()
+    fast = dec.eval()(x, mf, text)
+    full = dec.train()(x, mf, text)
+    assert fast["aux_outputs"] == []
+    torch.testing.assert_close(fast["pred_logits"], full["pred_logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast["pred_masks"], full["pred_masks"], rtol=1e-5, atol=1e-5)

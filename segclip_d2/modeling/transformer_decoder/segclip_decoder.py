@@ -78,8 +78,9 @@ class SegCLIPTransformerDecoder(nn.Module):
         guidance: None, or {"classes": [(T_i,) int64], "masks": [(T_i, H, W) bool]} with the
             masks at the padded image size (training with GTG only).
     returns the criterion's outputs (interface C): "pred_logits" (B, N, K+1), "pred_masks"
-    (B, N, H/4, W/4), "aux_outputs" (CFF prediction + every layer but the last) and "guidance"
-    (None, or the same for the guidance group plus "valid" (B, T)).
+    (B, N, H/4, W/4), "aux_outputs" (in training: the CFF prediction and every layer but the
+    last; in eval: empty, since only the last prediction is used) and "guidance" (None, or the
+    same for the guidance group plus "valid" (B, T)).
     """
 
     @configurable
@@ -179,6 +180,16 @@ class SegCLIPTransformerDecoder(nn.Module):
         masks = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
         return logits, masks
 
+    def _attention_masks_only(self, queries: torch.Tensor, features_at: torch.Tensor):
+        """Mask logits (B, Q, h, w) of an intermediate prediction on the next layer's map.
+
+        ``features_at`` is the mask features resized to that map. Bilinear resizing is linear per
+        channel, so ``resize(einsum(E, F)) == einsum(E, resize(F))``: this equals resizing the
+        stride-4 masks, at 1/4 to 1/64 of the cost.
+        """
+        mask_embed = self.mask_embed(self.decoder_norm(queries))  # (B, Q, mask_dim)
+        return torch.einsum("bqc,bchw->bqhw", mask_embed, features_at)
+
     def _cross_attn_mask(
         self,
         pred_masks: torch.Tensor,
@@ -193,8 +204,10 @@ class SegCLIPTransformerDecoder(nn.Module):
         Returns:
             (B * nheads, Q, h * w) bool, True = blocked; fully blocked rows unblocked.
         """
-        m = F.interpolate(pred_masks, size=size, mode="bilinear", align_corners=False)
-        blocked = m.sigmoid() < 0.5  # (B, Q, h, w)
+        m = pred_masks
+        if tuple(m.shape[-2:]) != tuple(size):
+            m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+        blocked = m < 0.0  # (B, Q, h, w): sigmoid(m) < 0.5
         if guidance_blocked is not None and guidance_blocked.shape[1] > 0:
             t = guidance_blocked.shape[1]
             blocked = torch.cat([blocked[:, :-t], guidance_blocked], 1)
@@ -268,11 +281,32 @@ class SegCLIPTransformerDecoder(nn.Module):
         if self.cff_enabled:
             queries = self.cff(queries, query_pos, src[0], pos[0], self_attn_mask=self_mask)
 
+        # Training predicts after CFF and after every layer (deep supervision). Inference needs
+        # only the last prediction; the others just feed the next layer's attention mask and are
+        # computed directly at that layer's resolution.
+        full_predictions = self.training
+        features_at = None
+        if not full_predictions:
+            features_at = [
+                F.interpolate(mask_features, size=sz, mode="bilinear", align_corners=False)
+                for sz in sizes
+            ]
+
         pred_logits, pred_masks = [], []
-        logits, masks = self._predict(queries, mask_features, text_embeddings)
-        pred_logits.append(logits)
-        pred_masks.append(masks)
-        attn_mask = self._cross_attn_mask(masks, sizes[0], guidance_blocked[0])
+
+        def predict_then_mask(queries: torch.Tensor, layer: int) -> torch.Tensor:
+            nxt = layer % self.num_feature_levels
+            if full_predictions or layer == self.num_layers:
+                logits, masks = self._predict(queries, mask_features, text_embeddings)
+                pred_logits.append(logits)
+                pred_masks.append(masks)
+                if layer == self.num_layers:
+                    return None
+            else:
+                masks = self._attention_masks_only(queries, features_at[nxt])
+            return self._cross_attn_mask(masks, sizes[nxt], guidance_blocked[nxt])
+
+        attn_mask = predict_then_mask(queries, 0)
         for i in range(self.num_layers):
             lvl = i % self.num_feature_levels
             queries = self.transformer_cross_attention_layers[i](
@@ -282,11 +316,7 @@ class SegCLIPTransformerDecoder(nn.Module):
                 queries, attn_mask=self_mask, query_pos=query_pos
             )
             queries = self.transformer_ffn_layers[i](queries)
-            logits, masks = self._predict(queries, mask_features, text_embeddings)
-            pred_logits.append(logits)
-            pred_masks.append(masks)
-            nxt = (i + 1) % self.num_feature_levels
-            attn_mask = self._cross_attn_mask(masks, sizes[nxt], guidance_blocked[nxt])
+            attn_mask = predict_then_mask(queries, i + 1)
 
         n = self.num_queries
         out = self._pack([c[:, :n] for c in pred_logits], [m[:, :n] for m in pred_masks])
