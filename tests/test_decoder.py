@@ -150,11 +150,11 @@ def test_masked_attention_mask_unblocks_fully_masked_rows():
     pred = torch.full((1, N, 16, 16), -5.0)  # every predicted mask empty
     pred[0, 0, :8] = 5.0  # query 0 covers the top half
     mask = dec._cross_attn_mask(pred, (4, 4), None)
-    assert mask.shape == (1 * 4, N, 16)
+    assert mask.shape == (1, N, 16)  # one mask per image, broadcast over the heads
     assert mask[0, 0].view(4, 4)[:2].logical_not().all() and mask[0, 0].view(4, 4)[2:].all()
     assert not mask[:, 1:].any()  # fully blocked rows become fully open
     sm = dec._self_attn_mask(torch.tensor([[True, False]]))
-    assert sm.shape == (4, N + 2, N + 2)
+    assert sm.shape == (1, N + 2, N + 2)
     assert sm[0, :N, N:].all() and not sm[0, :N, :N].any()
     assert not sm[0, N:, : N + 1].any() and sm[0, :, N + 1].all()
 
@@ -218,3 +218,21 @@ def test_inference_fast_path_equals_full_predictions():
     assert fast["aux_outputs"] == []
     torch.testing.assert_close(fast["pred_logits"], full["pred_logits"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast["pred_masks"], full["pred_masks"], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_with_per_image_mask_equals_multihead_attention():
+    """The decoder's attention (one mask per image, broadcast over heads) computes exactly what
+    nn.MultiheadAttention computes with its per-head (B * nhead, Q, S) mask."""
+    from segclip_d2.modeling.transformer_decoder.attention_layers import multi_head_attention
+
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    q, kv = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    blocked = torch.rand(2, 5, 7) > 0.6
+    blocked[:, :, 0] = False  # no fully blocked row
+    ours = multi_head_attention(attn, q, kv, kv, blocked)
+    ref = attn(q, kv, kv, attn_mask=blocked.repeat_interleave(4, 0), need_weights=False)[0]
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        multi_head_attention(attn, q, kv, kv), attn(q, kv, kv, need_weights=False)[0]
+    )

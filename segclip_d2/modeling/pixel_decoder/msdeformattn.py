@@ -69,7 +69,7 @@ class MSDeformAttnEncoderLayer(nn.Module):
             src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
         )
         src = self.norm1(src + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
         return self.norm2(src + self.dropout3(ffn))
 
 
@@ -309,7 +309,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             weight_init.c2_xavier_fill(output)
             self.lateral_convs.append(lateral)
             self.output_convs.append(output)
-        self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=3, padding=1)
+        # 1x1, as Mask2Former: a 3x3 conv at stride 4 costs as much as the rest of the FPN step.
+        self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=1)
         weight_init.c2_xavier_fill(self.mask_features)
 
     @classmethod

@@ -14,6 +14,41 @@ def _with_pos(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     return x if pos is None else x + pos
 
 
+def multi_head_attention(
+    attn: nn.MultiheadAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    blocked: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``attn``'s attention computed with ``F.scaled_dot_product_attention``.
+
+    Same parameters and result as ``attn(query, key, value, attn_mask=...)`` (batch-first, no
+    bias_k / zero attention), but the mask is one per image, broadcast over the heads, instead of
+    ``nn.MultiheadAttention``'s (B * nhead, Q, S) copy turned into an additive float mask: at the
+    stride-8 level that copy alone is tens of megabytes per decoder layer.
+
+    Args:
+        query: (B, Q, C); key, value: (B, S, C).
+        blocked: (B, Q, S) bool, True = may NOT attend; or None.
+    Returns:
+        (B, Q, C)
+    """
+    b, q_len, c = query.shape
+    s_len = key.shape[1]
+    h = attn.num_heads
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None,) * 3
+    q = F.linear(query, w_q, b_q).view(b, q_len, h, c // h).transpose(1, 2)  # (B, h, Q, d)
+    k = F.linear(key, w_k, b_k).view(b, s_len, h, c // h).transpose(1, 2)  # (B, h, S, d)
+    v = F.linear(value, w_v, b_v).view(b, s_len, h, c // h).transpose(1, 2)
+    allowed = None if blocked is None else ~blocked[:, None]  # (B, 1, Q, S)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed, dropout_p=attn.dropout if attn.training else 0.0
+    )  # (B, h, Q, d)
+    return attn.out_proj(out.transpose(1, 2).reshape(b, q_len, c))
+
+
 class SelfAttentionLayer(nn.Module):
     """Multi-head self-attention over the queries + residual + LayerNorm."""
 
@@ -41,14 +76,14 @@ class SelfAttentionLayer(nn.Module):
         """
         Args:
             tgt: (B, Q, C) queries.
-            attn_mask: (B * nhead, Q, Q) bool, True = may NOT attend; or None.
+            attn_mask: (B, Q, Q) bool, True = may NOT attend; or None.
             query_pos: (B, Q, C) positional embedding added to queries and keys.
         Returns:
             (B, Q, C)
         """
         x = self.norm(tgt) if self.normalize_before else tgt
         q = k = _with_pos(x, query_pos)
-        out = self.self_attn(q, k, value=x, attn_mask=attn_mask, need_weights=False)[0]
+        out = multi_head_attention(self.self_attn, q, k, x, attn_mask)
         tgt = tgt + self.dropout(out)
         return tgt if self.normalize_before else self.norm(tgt)
 
@@ -85,20 +120,20 @@ class CrossAttentionLayer(nn.Module):
         Args:
             tgt: (B, Q, C) queries.
             memory: (B, S, C) flattened image features.
-            memory_mask: (B * nhead, Q, S) bool, True = may NOT attend; or None.
+            memory_mask: (B, Q, S) bool, True = may NOT attend; or None.
             pos: (B, S, C) positional encoding of the memory (added to the keys).
             query_pos: (B, Q, C) positional embedding of the queries.
         Returns:
             (B, Q, C)
         """
         x = self.norm(tgt) if self.normalize_before else tgt
-        out = self.multihead_attn(
-            query=_with_pos(x, query_pos),
-            key=_with_pos(memory, pos),
-            value=memory,
-            attn_mask=memory_mask,
-            need_weights=False,
-        )[0]
+        out = multi_head_attention(
+            self.multihead_attn,
+            _with_pos(x, query_pos),
+            _with_pos(memory, pos),
+            memory,
+            memory_mask,
+        )
         tgt = tgt + self.dropout(out)
         return tgt if self.normalize_before else self.norm(tgt)
 
@@ -129,7 +164,7 @@ class FFNLayer(nn.Module):
     def forward(self, tgt: torch.Tensor) -> torch.Tensor:
         """(B, Q, C) -> (B, Q, C)"""
         x = self.norm(tgt) if self.normalize_before else tgt
-        out = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        out = self.linear2(self.dropout(F.relu(self.linear1(x), inplace=True)))
         tgt = tgt + self.dropout(out)
         return tgt if self.normalize_before else self.norm(tgt)
 

@@ -41,7 +41,7 @@ class CrossModalFeatureFusion(nn.Module):
             queries: (B, Q, C) text queries (ordinary queries, then the guidance group if any).
             query_pos: (B, Q, C).
             memory: (B, S, C) flattened stride-32 map; memory_pos: (B, S, C) its encoding.
-            self_attn_mask: (B * nhead, Q, Q) bool, True = may NOT attend (keeps the ordinary
+            self_attn_mask: (B, Q, Q) bool, True = may NOT attend (keeps the ordinary
                 queries from seeing the guidance group), or None.
         Returns:
             (B, Q, C) fused queries.

@@ -202,7 +202,7 @@ class SegCLIPTransformerDecoder(nn.Module):
             pred_masks: (B, Q, H/4, W/4) mask logits of the previous prediction.
             guidance_blocked: (B, T, h, w) GT-mask blocking of the last T queries, or None.
         Returns:
-            (B * nheads, Q, h * w) bool, True = blocked; fully blocked rows unblocked.
+            (B, Q, h * w) bool, True = blocked; fully blocked rows unblocked.
         """
         m = pred_masks
         if tuple(m.shape[-2:]) != tuple(size):
@@ -213,16 +213,16 @@ class SegCLIPTransformerDecoder(nn.Module):
             blocked = torch.cat([blocked[:, :-t], guidance_blocked], 1)
         blocked = blocked.flatten(2)  # (B, Q, S)
         blocked = blocked & ~blocked.all(-1, keepdim=True)
-        return blocked.detach().repeat_interleave(self.num_heads, 0)
+        return blocked.detach()
 
     def _self_attn_mask(self, valid: torch.Tensor) -> torch.Tensor:
-        """(B, T) valid guidance slots -> (B * nheads, N+T, N+T) bool, True = blocked."""
+        """(B, T) valid guidance slots -> (B, N+T, N+T) bool, True = blocked."""
         b, t = valid.shape
         n = self.num_queries
         blocked = torch.zeros((b, n + t, n + t), dtype=torch.bool, device=valid.device)
         blocked[:, :n, n:] = True  # ordinary queries never see the guidance group
         blocked[:, :, n:] |= ~valid[:, None, :]  # padded guidance slots are no keys
-        return blocked.repeat_interleave(self.num_heads, 0)
+        return blocked
 
     # ------------------------------------------------------------------ forward
     def forward(
