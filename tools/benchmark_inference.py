@@ -338,6 +338,60 @@ def mode_targets(args) -> None:
         print(f"bf16 vs fp32: {agree(0, 3)}")
 
 
+def mode_ab(args) -> None:
+    """The speed targets as ratios measured in one process: the fast model, the baseline (same
+    weights, PyTorch deformable attention + full-resolution post-processing) and the fast model
+    under bf16 autocast, timed alternately on the real tiles after a warm-up, median of repeats."""
+    import statistics
+
+    import torch
+
+    from segclip_d2.inference.io import ArraySource
+
+    torch.set_num_threads(args.threads)
+    config = args.config or str(R50_CONFIG)
+    opts = list(args.opts)
+    _, fast, _ = load_model(config, opts)
+    baseline_opts = ["MODEL.SEGCLIP.MSDA_IMPL", "pytorch", "MODEL.SEGCLIP.POSTPROCESS", "full"]
+    _, base, _ = load_model(config, opts + baseline_opts)
+    base.load_state_dict(fast.state_dict())
+    tiles = sorted(REAL_TILES.glob("*.png"))[: args.num_tiles] if REAL_TILES.is_dir() else []
+    if tiles:
+        images = [torch.from_numpy(ArraySource(t).rgb).permute(2, 0, 1).float() for t in tiles]
+    else:
+        print(f"real tiles not found at {REAL_TILES}: timing a synthetic 1024x1024 image")
+        images = [test_image(1024)]
+
+    def run(model, bf16=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for img in images:
+                model.predict_sem_seg_probs(img[None])
+
+    variants = {
+        "fast fp32": lambda: run(fast),
+        "baseline fp32": lambda: run(base),
+        "fast bf16": lambda: run(fast, bf16=True),
+    }
+    times = {name: [] for name in variants}
+    with torch.no_grad():
+        for fn in variants.values():  # warm-up at the timed sizes
+            fn()
+        for _ in range(max(args.repeats, 3)):
+            for name, fn in variants.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) / len(images))
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    print(
+        f"\n== one-process A/B, {Path(config).name}, {len(images)} image(s) of 1024x1024, "
+        f"CPU {args.threads} threads, median of {len(times['fast fp32'])} =="
+    )
+    for name, t in med.items():
+        print(f"{name:14s} {t:6.2f} s per image")
+    print(f"fast / baseline: {med['fast fp32'] / med['baseline fp32']:.3f} (target <= 0.5)")
+    print(f"bf16 / baseline: {med['fast bf16'] / med['baseline fp32']:.3f} (target <= 0.3)")
+
+
 def make_geotiff(path: Path, size: int, seed: int = 0) -> None:
     """A synthetic uint16 3-band GeoTIFF (EPSG:32633, 0.5 m pixels, nodata 0 border), written by
     row blocks so even large ones take little memory."""
@@ -423,6 +477,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--table", action="store_true", help="latency/memory table + FLOPs")
     p.add_argument("--targets", action="store_true", help="R50 1024 speed/agreement targets")
+    p.add_argument(
+        "--ab", action="store_true", help="R50 1024 speed ratios measured in one process"
+    )
     p.add_argument("--geotiff-scaling", action="store_true", help="demo memory/time vs size")
     p.add_argument(
         "--config", default=None, help="default: the small CPU config, R50 LoveDA for --targets"
@@ -442,13 +499,15 @@ def main(argv=None) -> int:
     if args._case:
         cases[args._case](args)
         return 0
-    if not (args.table or args.targets or args.geotiff_scaling):
-        p.error("choose --table, --targets and/or --geotiff-scaling")
+    if not (args.table or args.targets or args.ab or args.geotiff_scaling):
+        p.error("choose --table, --targets, --ab and/or --geotiff-scaling")
     if args.table:
         args.sizes = args.sizes or [512, 1024, 2048]
         mode_table(argparse.Namespace(**{**vars(args), "config": args.config or str(SMALL_CONFIG)}))
     if args.targets:
         mode_targets(args)
+    if args.ab:
+        mode_ab(args)
     if args.geotiff_scaling:
         args.sizes = args.sizes or [2048, 4096, 8192]
         args.config = args.config or str(SMALL_CONFIG)
