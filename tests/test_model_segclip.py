@@ -206,6 +206,25 @@ def test_low_and_full_resolution_postprocess_agree(model):
     assert (low - full).abs().mean() < 0.05 * full.abs().mean()
 
 
+def test_refined_pixels_equal_the_full_resolution_path(model, monkeypatch):
+    """Refining every pixel must reproduce the full-resolution post-processing exactly (odd,
+    non-divisible size, so padding and border clamping are exercised); refining none leaves the
+    plain low-resolution combination."""
+    images = torch.stack([_image(61, 90, seed=4).float()])
+    with torch.no_grad():
+        model.postprocess = "full"
+        try:
+            full = model.predict_sem_seg_probs(images)
+        finally:
+            model.postprocess = "low"
+        monkeypatch.setattr(model, "refine_fraction", 1.0)
+        all_refined = model.predict_sem_seg_probs(images)
+        monkeypatch.setattr(model, "refine_fraction", 0.0)
+        plain = model.predict_sem_seg_probs(images)
+    torch.testing.assert_close(all_refined, full, rtol=1e-5, atol=1e-5)
+    assert (plain - full).abs().max() > 1e-4  # the refinement is what makes them equal
+
+
 def test_bgr_input_format_is_rejected():
     cfg = tiny_cfg()
     cfg.INPUT.FORMAT = "BGR"

@@ -224,7 +224,45 @@ class SegCLIP(nn.Module):
                 return torch.einsum("bqk,bqhw->bkhw", cls, masks[:, :, :h, :w].sigmoid())
             probs = torch.einsum("bqk,bqhw->bkhw", cls, masks.sigmoid())  # (B, K, ph/4, pw/4)
             probs = F.interpolate(probs, size=(ph, pw), mode="bilinear", align_corners=False)
-            return probs[:, :, :h, :w]
+            probs = probs[:, :, :h, :w]
+            return self._refine_ambiguous(probs, cls, masks, (ph, pw))
+
+    # Fraction of pixels recomputed exactly by ``_refine_ambiguous``.
+    refine_fraction = 0.05
+
+    def _refine_ambiguous(self, probs, cls, masks, padded_size):
+        """Recompute the full-resolution scores at the most ambiguous pixels.
+
+        Combining classes and masks at stride 4 and upsampling K channels differs from the
+        full-resolution path (upsample N mask logits, then sigmoid) only near class boundaries.
+        The ``refine_fraction`` of pixels with the smallest top-1/top-2 margin get the exact
+        full-resolution value: their mask logits are sampled bilinearly (``grid_sample`` with
+        ``align_corners=False`` and border clamping reproduces ``F.interpolate``'s upsampling).
+
+        Args:
+            probs: (B, K, h, w) low-resolution combination, upsampled and cropped.
+            cls: (B, N, K) class probabilities; masks: (B, N, h4, w4) mask logits.
+        Returns:
+            probs with the refined pixels replaced, (B, K, h, w).
+        """
+        b, k, h, w = probs.shape
+        n_refine = int(self.refine_fraction * h * w)
+        if n_refine == 0 or k < 2:
+            return probs
+        top2 = probs.topk(2, dim=1).values  # (B, 2, h, w)
+        margin = (top2[:, 0] - top2[:, 1]).flatten(1)  # (B, h*w)
+        idx = margin.topk(n_refine, dim=1, largest=False).indices  # (B, n)
+        ph, pw = padded_size
+        ys, xs = (idx // w).to(probs.dtype), (idx % w).to(probs.dtype)
+        # pixel centres of the (ph, pw) frame in grid_sample's [-1, 1] coordinates
+        grid = torch.stack([(xs + 0.5) / pw * 2 - 1, (ys + 0.5) / ph * 2 - 1], dim=-1)
+        logits = F.grid_sample(
+            masks, grid[:, None], mode="bilinear", padding_mode="border", align_corners=False
+        )[:, :, 0]  # (B, N, n)
+        exact = torch.einsum("bqk,bqn->bkn", cls, logits.sigmoid())  # (B, K, n)
+        flat = probs.flatten(2).clone()
+        flat.scatter_(2, idx[:, None].expand(-1, k, -1), exact)
+        return flat.view(b, k, h, w)
 
     def forward(self, batched_inputs: list[dict]):
         """
