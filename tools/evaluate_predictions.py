@@ -37,7 +37,7 @@ from segclip_d2.data.evaluator import (  # noqa: E402
     metrics_json,
     segmentation_metrics,
 )
-from segclip_d2.data.mapper import read_label  # noqa: E402
+from segclip_d2.data.mapper import read_class_png, read_label  # noqa: E402
 
 
 class PredictionError(ValueError):
@@ -47,16 +47,7 @@ class PredictionError(ValueError):
 def read_prediction(path: Path, shape: tuple[int, int], num_classes: int) -> np.ndarray:
     if not path.is_file():
         raise PredictionError(f"{path}: prediction file is missing")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("L", "P"):
-                raise PredictionError(
-                    f"{path}: predictions must be single-channel class ids, got PIL mode {im.mode}"
-                )
-            pred = np.array(im, dtype=np.uint8)
-    except (OSError, SyntaxError) as e:
-        raise PredictionError(f"{path}: cannot read prediction ({e})") from e
+    pred = read_class_png(path, "prediction", PredictionError)
     if pred.shape != shape:
         raise PredictionError(
             f"{path}: prediction is {pred.shape[1]}x{pred.shape[0]} (WxH), the image is "

@@ -226,18 +226,26 @@ class RandomPhotometric(T.Augmentation):
 
 
 # --------------------------------------------------------------------------- reading
-def read_label(path: str, image_path: str, image_hw: tuple[int, int], num_classes: int | None):
-    """Read a prepared label PNG as ``(H, W)`` uint8 and validate it against its image."""
+def read_class_png(path, what: str, error: type[ValueError] = ValueError) -> np.ndarray:
+    """Read a single-channel PNG of class ids (a label or a prediction) as ``(H, W)`` uint8.
+
+    A file that cannot be decoded, or is not single-channel, raises ``error`` naming the file.
+    """
     try:
         with Image.open(path) as im:
             im.load()
             if im.mode not in ("L", "P"):
-                raise ValueError(
-                    f"{path}: labels must be single-channel uint8 train ids, got PIL mode {im.mode}"
+                raise error(
+                    f"{path}: {what}s must be single-channel class ids, got PIL mode {im.mode}"
                 )
-            label = np.array(im, dtype=np.uint8)
+            return np.array(im, dtype=np.uint8)
     except (OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: cannot read label ({e})") from e
+        raise error(f"{path}: cannot read {what} ({e})") from e
+
+
+def read_label(path: str, image_path: str, image_hw: tuple[int, int], num_classes: int | None):
+    """Read a prepared label PNG as ``(H, W)`` uint8 and validate it against its image."""
+    label = read_class_png(path, "label")
     if label.shape != tuple(image_hw):
         raise ValueError(
             f"label {path} is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
