@@ -236,3 +236,26 @@ def test_attention_with_per_image_mask_equals_multihead_attention():
     torch.testing.assert_close(
         multi_head_attention(attn, q, kv, kv), attn(q, kv, kv, need_weights=False)[0]
     )
+
+
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        ((64, 64), (8, 8)),
+        ((64, 48), (16, 12)),
+        ((32, 32), (16, 16)),
+        ((30, 30), (10, 10)),
+        ((36, 36), (12, 12)),
+        ((20, 24), (7, 9)),
+        ((16, 16), (16, 16)),
+        ((8, 8), (16, 16)),
+    ],
+)
+def test_bilinear_resize_equals_interpolate(src, dst):
+    """The strided-slice shortcut (even factors >= 4) and the fallback both give exactly what
+    F.interpolate(bilinear, align_corners=False) gives."""
+    from segclip_d2.modeling.transformer_decoder.segclip_decoder import bilinear_resize
+
+    x = torch.randn(2, 5, *src)
+    expected = torch.nn.functional.interpolate(x, size=dst, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(bilinear_resize(x, dst), expected, rtol=1e-6, atol=1e-6)

@@ -39,6 +39,31 @@ from .text_queries import TextQueryGenerator
 logger = logging.getLogger(__name__)
 
 
+def bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)``, computed exactly and
+    much faster (same values up to float rounding) for even integer reductions of 4 or more.
+
+    Reducing by an even factor f samples at f*i + f/2 - 1/2, midway between two pixels in each
+    axis, so the result is the mean of four strided slices; the 2-D kernel instead reads a
+    full-size NCHW map per output channel (~45 ms for 256 x 256 x 256 -> 32 x 32 here).
+    """
+    h, w = x.shape[-2:]
+    oh, ow = int(size[0]), int(size[1])
+    if (oh, ow) == (h, w):
+        return x
+    fy, fx = h // oh, w // ow
+    if h != fy * oh or w != fx * ow or fy != fx or fy < 4 or fy % 2:
+        return F.interpolate(x, size=(oh, ow), mode="bilinear", align_corners=False)
+    o = fy // 2 - 1
+    s = (
+        x[..., o::fy, o::fy]
+        + x[..., o + 1 :: fy, o::fy]
+        + x[..., o::fy, o + 1 :: fy]
+        + x[..., o + 1 :: fy, o + 1 :: fy]
+    )
+    return s * 0.25
+
+
 def gt_masks_to_attention(
     masks: list[torch.Tensor], num_slots: int, size: tuple[int, int]
 ) -> torch.Tensor:
@@ -204,9 +229,7 @@ class SegCLIPTransformerDecoder(nn.Module):
         Returns:
             (B, Q, h * w) bool, True = blocked; fully blocked rows unblocked.
         """
-        m = pred_masks
-        if tuple(m.shape[-2:]) != tuple(size):
-            m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+        m = bilinear_resize(pred_masks, size)
         blocked = m < 0.0  # (B, Q, h, w): sigmoid(m) < 0.5
         if guidance_blocked is not None and guidance_blocked.shape[1] > 0:
             t = guidance_blocked.shape[1]
@@ -287,10 +310,7 @@ class SegCLIPTransformerDecoder(nn.Module):
         full_predictions = self.training
         features_at = None
         if not full_predictions:
-            features_at = [
-                F.interpolate(mask_features, size=sz, mode="bilinear", align_corners=False)
-                for sz in sizes
-            ]
+            features_at = [bilinear_resize(mask_features, sz) for sz in sizes]
 
         pred_logits, pred_masks = [], []
 
