@@ -382,3 +382,33 @@ def test_cuda_kernel_matches_reference_and_cpu(head_dim, dtype):
     for a, b in zip(g_gpu, g_cpu):
         err = ((a.cpu() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
         assert err < (1e-4 if dtype == torch.float32 else 1e-9)
+
+
+@pytest.mark.parametrize("impl", ["pytorch", "auto"])
+def test_module_inference_path_equals_autograd_path(impl):
+    """Without autograd the module uses an in-place fp32 softmax; the result must be what the
+    autograd path (Tensor.softmax) computes, padding mask included."""
+    torch.manual_seed(3)
+    module = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3, impl=impl)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    query, ref, feats, shapes, starts = _module_inputs(seed=4)
+    mask = torch.zeros(2, 60, dtype=torch.bool)
+    mask[1, 48:] = True
+    with torch.enable_grad():
+        expected = module(query, ref, feats, shapes, starts, mask)
+    with torch.no_grad():
+        got = module(query, ref, feats, shapes, starts, mask)
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_inference_softmax_is_fp32_and_exact():
+    from segclip_d2.layers.ms_deform_attn import _softmax_last_
+
+    x = 4 * torch.randn(50, 7, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(_softmax_last_(x.clone()), x.softmax(-1))
+        low = _softmax_last_(x.to(torch.bfloat16))
+    assert low.dtype == torch.float32  # the weights of reduced-precision logits stay fp32
+    torch.testing.assert_close(low, x.to(torch.bfloat16).float().softmax(-1))

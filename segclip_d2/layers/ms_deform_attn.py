@@ -216,6 +216,19 @@ def ms_deform_attn(
     return out.to(out_dtype)
 
 
+def _softmax_last_(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension. Without autograd it overwrites ``x`` (fp32 ``x``; a
+    reduced-precision ``x`` is first copied to fp32) with
+    exp(x - max) / sum: for the short rows here (L * P = 12) that is ~6x faster on CPU than
+    ``Tensor.softmax``, whose kernel vectorises along the row."""
+    if torch.is_grad_enabled():
+        return x.softmax(-1)
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    x = x.sub_(x.amax(-1, keepdim=True)) if x.is_contiguous() else x - x.amax(-1, keepdim=True)
+    x = x.exp_()
+    return x.div_(x.sum(-1, keepdim=True))
+
+
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention module (Deformable DETR, Zhu et al. 2021).
 
@@ -321,16 +334,22 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(B, S, H, C // H)  # (B, S, H, Dh)
 
-        offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
         weights = self.attention_weights(query).view(B, Q, H, L * P)
-        weights = weights.softmax(-1).view(B, Q, H, L, P)
-        # offsets are in pixels of each level: normalise by (W_l, H_l)
-        normalizer = torch.stack([input_spatial_shapes[:, 1], input_spatial_shapes[:, 0]], -1)
-        normalizer = normalizer.to(offsets.dtype)  # (L, 2) as (W, H)
-        locations = (
-            reference_points[:, :, None, :, None, :]
-            + offsets / normalizer[None, None, None, :, None, :]
-        )  # (B, Q, H, L, P, 2)
+        weights = _softmax_last_(weights).view(B, Q, H, L, P)
+        # Offsets are in pixels of each level; dividing the rows of the projection by (W_l, H_l)
+        # gives normalised offsets in one pass (the division by the level size costs a full pass
+        # over a (B, Q, H, L, P, 2) tensor otherwise).
+        inv = 1.0 / torch.stack([input_spatial_shapes[:, 1], input_spatial_shapes[:, 0]], -1)
+        inv = inv.to(self.sampling_offsets.weight.dtype).view(1, L, 1, 2).expand(H, L, P, 2)
+        inv = inv.reshape(-1)
+        offsets = F.linear(
+            query, self.sampling_offsets.weight * inv[:, None], self.sampling_offsets.bias * inv
+        ).view(B, Q, H, L, P, 2)
+        ref = reference_points[:, :, None, :, None, :]
+        if offsets.dtype == ref.dtype:
+            locations = offsets.add_(ref)  # (B, Q, H, L, P, 2)
+        else:  # autocast: keep the positions in the reference points' (parameter) precision
+            locations = ref + offsets
 
         out = ms_deform_attn(
             value,
