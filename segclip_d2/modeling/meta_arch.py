@@ -25,6 +25,7 @@ from torch import nn
 
 from segclip_d2.inference import SegInferencer
 
+from ..layers.frozen_bn_folding import enable_frozen_bn_folding
 from .criterion import build_criterion
 from .pixel_decoder import build_pixel_decoder
 from .text_encoder import FrozenCLIPTextEncoder
@@ -116,6 +117,7 @@ class SegCLIP(nn.Module):
                 "registered? see segclip_d2.data.register)"
             )
         backbone = build_backbone(cfg)
+        enable_frozen_bn_folding(backbone)  # eval without autograd only; see the module
         pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
         text_encoder = _build(FrozenCLIPTextEncoder, cfg)
         predictor = SegCLIPTransformerDecoder(
