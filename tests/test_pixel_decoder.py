@@ -21,7 +21,7 @@ SHAPES = {
 }
 
 
-def _decoder(conv_dim=32, mask_dim=16, **kw):
+def _decoder(conv_dim=32, mask_dim=16, msda_impl="pytorch", **kw):
     torch.manual_seed(0)
     return MSDeformAttnPixelDecoder(
         SHAPES,
@@ -31,7 +31,7 @@ def _decoder(conv_dim=32, mask_dim=16, **kw):
         transformer_nheads=4,
         transformer_enc_layers=2,
         transformer_dim_feedforward=64,
-        msda_impl="pytorch",
+        msda_impl=msda_impl,
         **kw,
     ).eval()
 
@@ -120,3 +120,27 @@ def test_built_from_config_registry():
     pd.IN_FEATURES = ["res2", "res3", "res4", "res6"]
     with pytest.raises(ValueError, match="res6"):
         build_pixel_decoder(cfg, SHAPES)
+
+
+@pytest.mark.parametrize("impl", ["pytorch", "auto"])
+def test_inference_path_equals_training_computation(monkeypatch, impl):
+    """Eval without autograd runs the encoder layers in token chunks, the FPN sum in place and
+    the level-size division folded into the offsets; the outputs must be what the autograd path
+    computes (chunks of 7 tokens: uneven, smaller than every level, with padding)."""
+    import segclip_d2.modeling.pixel_decoder.msdeformattn as mod
+
+    dec = _decoder(msda_impl=impl)
+    with torch.no_grad():
+        for p in dec.parameters():  # move the deformable attention away from its init
+            p.add_(0.05 * torch.randn_like(p))
+    feats = _features(2, 64, 96)
+    padding = torch.zeros(2, 64, 96, dtype=torch.bool)
+    padding[1, 40:, :] = True
+    with torch.enable_grad():
+        mf_ref, outs_ref = dec(feats, padding)
+    monkeypatch.setattr(mod, "EVAL_TOKEN_CHUNK", 7)
+    with torch.no_grad():
+        mf, outs = dec(feats, padding)
+    torch.testing.assert_close(mf, mf_ref.detach(), rtol=1e-5, atol=1e-5)
+    for o, r in zip(outs, outs_ref):
+        torch.testing.assert_close(o, r.detach(), rtol=1e-5, atol=1e-5)
