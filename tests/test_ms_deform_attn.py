@@ -412,3 +412,18 @@ def test_inference_softmax_is_fp32_and_exact():
         low = _softmax_last_(x.to(torch.bfloat16))
     assert low.dtype == torch.float32  # the weights of reduced-precision logits stay fp32
     torch.testing.assert_close(low, x.to(torch.bfloat16).float().softmax(-1))
+
+
+def test_reduced_precision_values_are_projected_once_in_fp32():
+    """Under bf16 autocast the values come out of project_value in fp32, the op's compute type,
+    so attending in chunks converts nothing per chunk; the result matches fp32 closely."""
+    torch.manual_seed(5)
+    module = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3).eval()
+    query, ref, feats, shapes, starts = _module_inputs(seed=6)
+    with torch.no_grad():
+        expected = module(query, ref, feats, shapes, starts)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = module.project_value(query, feats, shapes)
+            got = module.attend(query, ref, value, shapes, starts)
+    assert value.dtype == torch.float32 and value.shape == (2, 60, 4, 8)
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)

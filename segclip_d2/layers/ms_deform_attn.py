@@ -343,6 +343,10 @@ class MSDeformAttn(nn.Module):
         value = self.value_proj(input_flatten)  # (B, S, C)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        if value.dtype in (torch.float16, torch.bfloat16):
+            # the compiled op samples in fp32; converting here, once, keeps a caller that
+            # attends in chunks from converting the whole value tensor for every chunk
+            value = value.float()
         return value.view(B, S, self.n_heads, C // self.n_heads)
 
     def attend(
