@@ -230,3 +230,22 @@ def test_bgr_input_format_is_rejected():
     cfg.INPUT.FORMAT = "BGR"
     with pytest.raises(ValueError, match="RGB"):
         build_model(cfg)
+
+
+def test_cpu_input_gets_canonical_channels_last_strides():
+    """An image batch made from an HWC array (batch stride 3) must reach the backbone with
+    canonical channels-last strides, or oneDNN runs the whole backbone in NCHW."""
+    from segclip_d2.modeling.meta_arch import _canonical_channels_last
+
+    hwc = torch.randn(40, 24, 3).permute(2, 0, 1)[None]
+    assert hwc.is_contiguous(memory_format=torch.channels_last) and hwc.stride(0) == 3
+    out = _canonical_channels_last(hwc)
+    assert out.stride() == (3 * 40 * 24, 1, 24 * 3, 3)
+    torch.testing.assert_close(out, hwc)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    with torch.no_grad():
+        assert conv(out).is_contiguous(memory_format=torch.channels_last)
+    nchw = torch.randn(2, 3, 8, 8)
+    assert _canonical_channels_last(nchw).stride() == (192, 1, 24, 3)
+    ready = nchw.contiguous(memory_format=torch.channels_last)
+    assert _canonical_channels_last(ready) is ready  # no copy when already canonical

@@ -362,6 +362,36 @@ def mode_ab(args) -> None:
         print(f"real tiles not found at {REAL_TILES}: timing a synthetic 1024x1024 image")
         images = [test_image(1024)]
 
+    # Where the time goes, per variant: the deformable-attention op (every call of the
+    # module-level function, which MSDeformAttn looks up at call time), the network (backbone,
+    # pixel decoder, predictor, via forward hooks) and post-processing (the rest of
+    # predict_sem_seg_probs: combining classes and masks, upsampling, argmax-ready probs).
+    import segclip_d2.layers.ms_deform_attn as msda_mod
+
+    parts = {"op": 0.0, "net": 0.0}
+    real_op = msda_mod.ms_deform_attn
+
+    def timed_op(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return real_op(*a, **k)
+        finally:
+            parts["op"] += time.perf_counter() - t0
+
+    msda_mod.ms_deform_attn = timed_op
+    starts = {}
+    for model in (fast, base):
+        for name in ("backbone", "pixel_decoder", "predictor"):
+            mod = getattr(model, name)
+            mod.register_forward_pre_hook(
+                lambda m, i, n=name: starts.__setitem__(n, time.perf_counter())
+            )
+            mod.register_forward_hook(
+                lambda m, i, o, n=name: parts.__setitem__(
+                    "net", parts["net"] + time.perf_counter() - starts[n]
+                )
+            )
+
     def run(model, bf16=False):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for img in images:
@@ -373,23 +403,34 @@ def mode_ab(args) -> None:
         "fast bf16": lambda: run(fast, bf16=True),
     }
     times = {name: [] for name in variants}
+    split = {name: [] for name in variants}
     with torch.no_grad():
         for fn in variants.values():  # warm-up at the timed sizes
             fn()
         for _ in range(max(args.repeats, 3)):
             for name, fn in variants.items():
+                parts.update(op=0.0, net=0.0)
                 t0 = time.perf_counter()
                 fn()
-                times[name].append((time.perf_counter() - t0) / len(images))
+                total = time.perf_counter() - t0
+                times[name].append(total / len(images))
+                split[name].append(
+                    (parts["op"] / len(images), (total - parts["net"]) / len(images))
+                )
+    msda_mod.ms_deform_attn = real_op
     med = {name: statistics.median(ts) for name, ts in times.items()}
     print(
         f"\n== one-process A/B, {Path(config).name}, {len(images)} image(s) of 1024x1024, "
         f"CPU {args.threads} threads, median of {len(times['fast fp32'])} =="
     )
+    print(f"{'variant':14s} {'total':>8s} {'MSDA op':>8s} {'post':>8s} {'rest':>8s}  (s/image)")
     for name, t in med.items():
-        print(f"{name:14s} {t:6.2f} s per image")
+        op = statistics.median(o for o, _ in split[name])
+        post = statistics.median(p for _, p in split[name])
+        print(f"{name:14s} {t:8.2f} {op:8.2f} {post:8.2f} {t - op - post:8.2f}")
     print(f"fast / baseline: {med['fast fp32'] / med['baseline fp32']:.3f} (target <= 0.5)")
     print(f"bf16 / baseline: {med['fast bf16'] / med['baseline fp32']:.3f} (target <= 0.3)")
+    print(f"bf16 speed-up over fp32: {med['fast fp32'] / med['fast bf16']:.2f}x (target >= 2)")
 
 
 def make_geotiff(path: Path, size: int, seed: int = 0) -> None:
