@@ -259,3 +259,20 @@ def test_bilinear_resize_equals_interpolate(src, dst):
     x = torch.randn(2, 5, *src)
     expected = torch.nn.functional.interpolate(x, size=dst, mode="bilinear", align_corners=False)
     torch.testing.assert_close(bilinear_resize(x, dst), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_mask_logits_equals_einsum_for_every_layout(layout):
+    from segclip_d2.modeling.transformer_decoder.segclip_decoder import mask_logits
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(2, 5, 6, generator=g)
+    feats = torch.randn(2, 6, 9, 7, generator=g)
+    if layout == "channels_last":
+        feats = feats.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        feats = torch.randn(2, 6, 18, 7, generator=g)[:, :, ::2]
+    expected = torch.einsum("bqc,bchw->bqhw", emb, feats)
+    got = mask_logits(emb, feats)
+    assert got.shape == (2, 5, 9, 7)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -39,6 +39,20 @@ from .text_queries import TextQueryGenerator
 logger = logging.getLogger(__name__)
 
 
+def mask_logits(mask_embed: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """einsum("bqc,bchw->bqhw"): (B, Q, C) embeddings x (B, C, H, W) features -> (B, Q, H, W).
+
+    Channels-last features (the CPU inference layout) are a (B, H*W, C) matrix in memory; one
+    batched matmul against its transpose reads them in place, where einsum first copies them to
+    NCHW (~3x slower in bf16 at 256 x 256 x 256).
+    """
+    b, c, h, w = features.shape
+    if features.is_contiguous(memory_format=torch.channels_last):
+        flat = features.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view
+        return torch.bmm(mask_embed, flat.transpose(1, 2)).view(b, -1, h, w)
+    return torch.einsum("bqc,bchw->bqhw", mask_embed, features)
+
+
 def bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``F.interpolate(x, size, mode="bilinear", align_corners=False)``, computed exactly and
     much faster (same values up to float rounding) for even integer reductions of 4 or more.
@@ -202,8 +216,7 @@ class SegCLIPTransformerDecoder(nn.Module):
         x = self.decoder_norm(queries)
         logits = self.class_head(x, text_embeddings)
         mask_embed = self.mask_embed(x)  # (B, Q, mask_dim)
-        masks = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
-        return logits, masks
+        return logits, mask_logits(mask_embed, mask_features)
 
     def _attention_masks_only(self, queries: torch.Tensor, features_at: torch.Tensor):
         """Mask logits (B, Q, h, w) of an intermediate prediction on the next layer's map.
@@ -213,7 +226,7 @@ class SegCLIPTransformerDecoder(nn.Module):
         stride-4 masks, at 1/4 to 1/64 of the cost.
         """
         mask_embed = self.mask_embed(self.decoder_norm(queries))  # (B, Q, mask_dim)
-        return torch.einsum("bqc,bchw->bqhw", mask_embed, features_at)
+        return mask_logits(mask_embed, features_at)
 
     def _cross_attn_mask(
         self,
