@@ -423,7 +423,7 @@ def test_reduced_precision_values_are_projected_once_in_fp32():
     with torch.no_grad():
         expected = module(query, ref, feats, shapes, starts)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            value = module.project_value(query, feats, shapes)
+            value = module.project_value(feats, shapes)
             got = module.attend(query, ref, value, shapes, starts)
     assert value.dtype == torch.float32 and value.shape == (2, 60, 4, 8)
     torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)

@@ -224,8 +224,7 @@ def _softmax_last_(x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled():
         return x.softmax(-1)
     x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    x = x.sub_(x.amax(-1, keepdim=True)) if x.is_contiguous() else x - x.amax(-1, keepdim=True)
-    x = x.exp_()
+    x = x.sub_(x.amax(-1, keepdim=True)).exp_()
     return x.div_(x.sum(-1, keepdim=True))
 
 
@@ -304,14 +303,18 @@ class MSDeformAttn(nn.Module):
         Returns:
             (B, Q, C)
         """
-        value = self.project_value(query, input_flatten, input_spatial_shapes, input_padding_mask)
+        if query.shape[-1] != self.d_model:
+            raise ValueError(
+                f"MSDeformAttn(d_model={self.d_model}): got query {tuple(query.shape)} and "
+                f"input_flatten {tuple(input_flatten.shape)}"
+            )
+        value = self.project_value(input_flatten, input_spatial_shapes, input_padding_mask)
         return self.attend(
             query, reference_points, value, input_spatial_shapes, input_level_start_index
         )
 
     def project_value(
         self,
-        query: torch.Tensor | None,
         input_flatten: torch.Tensor,
         input_spatial_shapes: torch.Tensor,
         input_padding_mask: torch.Tensor | None = None,
@@ -323,10 +326,9 @@ class MSDeformAttn(nn.Module):
         """
         B, S, C = input_flatten.shape
         L = self.n_levels
-        if C != self.d_model or (query is not None and query.shape[-1] != self.d_model):
-            got = "" if query is None else f"query {tuple(query.shape)} and "
+        if C != self.d_model:
             raise ValueError(
-                f"MSDeformAttn(d_model={self.d_model}): got {got}input_flatten "
+                f"MSDeformAttn(d_model={self.d_model}): got input_flatten "
                 f"{tuple(input_flatten.shape)}"
             )
         if tuple(input_spatial_shapes.shape) != (L, 2):

@@ -64,56 +64,38 @@ class MSDeformAttnEncoderLayer(nn.Module):
         level_start_index: torch.Tensor,
         padding_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """src, pos: (B, S, C); reference_points: (B, S, L, 2); padding_mask: (B, S) or None."""
-        if not self.training and not torch.is_grad_enabled():
-            return self._forward_chunked(
-                src, pos, reference_points, spatial_shapes, level_start_index, padding_mask
-            )
-        attn = self.self_attn(
-            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
-        )
-        src = self.norm1(src + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
-        return self.norm2(src + self.dropout3(ffn))
+        """src, pos: (B, S, C); reference_points: (B, S, L, 2); padding_mask: (B, S) or None.
 
-    def _forward_chunked(
-        self,
-        src: torch.Tensor,
-        pos: torch.Tensor,
-        reference_points: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
-        padding_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Inference: the same computation, with everything after the value projection run over
+        At inference (eval, no autograd) everything after the value projection runs over
         ``EVAL_TOKEN_CHUNK`` tokens at a time. Each token's attention, residuals, norms and FFN
-        depend only on that token (and the shared values), so the result is identical, while
-        the (tokens, d_ffn) activations stay small enough to be reused from the heap and cache
-        instead of being freshly mapped and faulted in for every layer (~1/3 faster per layer
-        at 21,504 tokens on CPU)."""
-        attn_mod = self.self_attn
-        value = attn_mod.project_value(src, src, spatial_shapes, padding_mask)
+        depend only on that token and the shared values, so the result is identical, while the
+        (tokens, d_ffn) activations stay small enough to be reused from the heap and cache
+        instead of being mapped and faulted in afresh for every layer (~1/3 faster per layer at
+        21,504 tokens on CPU).
+        """
+        value = self.self_attn.project_value(src, spatial_shapes, padding_mask)
+        args = (value, spatial_shapes, level_start_index)
+        if self.training or torch.is_grad_enabled():
+            return self._tokens(src, pos, reference_points, *args)
         out = torch.empty_like(src)
         for i in range(0, src.shape[1], EVAL_TOKEN_CHUNK):
             sl = slice(i, i + EVAL_TOKEN_CHUNK)
-            x = src[:, sl]
-            a = attn_mod.attend(
-                x + pos[:, sl], reference_points[:, sl], value, spatial_shapes, level_start_index
-            )
-            x = self.norm1(_residual_(a, x))
-            ffn = self.linear2(F.relu(self.linear1(x), inplace=True))
-            out[:, sl] = self.norm2(_residual_(ffn, x))
+            out[:, sl] = self._tokens(src[:, sl], pos[:, sl], reference_points[:, sl], *args)
         return out
 
+    def _tokens(self, x, pos, reference_points, value, spatial_shapes, level_start_index):
+        """Attention of tokens ``x`` over the projected values, then residual, norm, FFN,
+        residual, norm."""
+        attn = self.self_attn.attend(
+            x + pos, reference_points, value, spatial_shapes, level_start_index
+        )
+        x = self.norm1(x + self.dropout1(attn))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(x), inplace=True)))
+        return self.norm2(x + self.dropout3(ffn))
 
-# Tokens per step of the encoder layers' inference path (MSDeformAttnEncoderLayer).
+
+# Tokens per step of the encoder layers' inference path (MSDeformAttnEncoderLayer.forward).
 EVAL_TOKEN_CHUNK = 2048
-
-
-def _residual_(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x + y, written into the fresh tensor ``y`` when the dtypes agree (autocast may give a
-    bf16 ``y``: the sum is then a new tensor in the promoted dtype, as in the training path)."""
-    return y.add_(x) if y.dtype == torch.result_type(x, y) and y.shape == x.shape else x + y
 
 
 class MSDeformAttnEncoder(nn.Module):
