@@ -18,3 +18,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real sample data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 for this test even when the caller's environment says otherwise."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def private_model_cache(monkeypatch):
+    """Models loaded from temporary checkpoints are dropped after the test (400 MB each)."""
+    from segclip_d2.utils import weights
+
+    monkeypatch.setattr(weights, "_MODELS", dict(weights._MODELS))

@@ -16,15 +16,7 @@ from segclip_d2.utils import weights
 EXPECTED = {"res2": (256, 4), "res3": (512, 8), "res4": (1024, 16), "res5": (2048, 32)}
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture
-def private_model_cache(monkeypatch):
-    """Models loaded from temporary checkpoints are dropped after the test (400 MB each)."""
-    monkeypatch.setattr(weights, "_MODELS", dict(weights._MODELS))
+pytestmark = pytest.mark.usefixtures("hub_offline")
 
 
 def _clip_features(visual: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -18,15 +18,7 @@ from segclip_d2.utils import weights
 LOVEDA = ["background", "building", "road", "water", "barren", "forest", "agriculture"]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture
-def private_model_cache(monkeypatch):
-    """Models loaded from temporary checkpoints are dropped after the test (400 MB each)."""
-    monkeypatch.setattr(weights, "_MODELS", dict(weights._MODELS))
+pytestmark = pytest.mark.usefixtures("hub_offline")
 
 
 @pytest.fixture
