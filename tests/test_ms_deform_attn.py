@@ -110,14 +110,65 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["dispatched", "baseline"])
+@pytest.fixture(params=["baseline", "avx2+fma", "avx512"])
 def cpu_copy(request):
-    """Runs a test with the CPU kernel copy picked for this machine, then the baseline copy."""
+    """Runs a test with each instruction-set copy of the CPU kernel this machine can run."""
     if not msda.extension_available():
         pytest.skip(BUILD_HINT)
-    msda._C._force_baseline_cpu(request.param == "baseline")
+    if request.param not in msda._C.cpu_isas():
+        pytest.skip(f"this CPU/build cannot run the {request.param} kernel copy")
+    msda._C._force_cpu_isa(request.param)
+    assert msda._C.cpu_isa() == request.param
     yield request.param
-    msda._C._force_baseline_cpu(False)
+    msda._C._force_cpu_isa("")
+
+
+@needs_ext
+def test_best_cpu_copy_is_chosen_and_unknown_copy_rejected():
+    available = msda._C.cpu_isas()
+    assert available[0] == "baseline"
+    assert msda._C.cpu_isa() == available[-1]  # automatic choice: the widest copy
+    with pytest.raises(RuntimeError, match="'sse9' is not available"):
+        msda._C._force_cpu_isa("sse9")
+    assert msda._C.cpu_isa() == available[-1]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_cpu_forward_reads_bf16_values_exactly(case, cpu_copy):
+    """bf16 values with fp32 locations and weights: the same result as the fp32 kernel on the
+    values converted to fp32 (the conversion is exact), for every head size path."""
+    shapes, batch, heads, head_dim, queries, points = CASES[case]
+    value, shapes, starts, loc, attn = make_inputs(
+        shapes, batch, heads, head_dim, queries, points, torch.float32, seed=10 + case
+    )
+    low = value.to(torch.bfloat16)
+    out = msda._C.ms_deform_attn_forward(low, shapes, starts, loc, attn)
+    assert out.dtype == torch.float32
+    expected = msda._C.ms_deform_attn_forward(low.float(), shapes, starts, loc, attn)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    ref = ms_deform_attn_pytorch(low.float(), shapes, loc, attn)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+def test_bf16_values_go_to_the_kernel_only_without_autograd():
+    value, shapes, starts, loc, attn = make_inputs(
+        [[6, 5], [3, 3]], 1, 2, 8, 4, 2, torch.float32, 7
+    )
+    low = value.to(torch.bfloat16)
+    with torch.no_grad():
+        assert msda.compiled_reads_bf16(low)
+        out = ms_deform_attn(low, shapes, starts, loc, attn, impl="cpp")
+    assert out.dtype == torch.bfloat16
+    ref = ms_deform_attn_pytorch(low.float(), shapes, loc, attn)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    # with autograd the values go through the fp32 autograd function, and gradients flow
+    low.requires_grad_()
+    assert not msda.compiled_reads_bf16(low)
+    out = ms_deform_attn(low, shapes, starts, loc, attn, impl="cpp")
+    (grad,) = torch.autograd.grad(out.float().sum(), low)
+    assert grad.dtype == torch.bfloat16 and grad.abs().sum() > 0
 
 
 @needs_ext
@@ -204,6 +255,11 @@ def _call_c(args):
     "name,make_bad,message",
     [
         ("float16 value", lambda a: {"value": a["value"].half()}, "float32 or float64"),
+        (
+            "bf16 value, bf16 locations",
+            lambda a: {"value": a["value"].bfloat16(), "loc": a["loc"].bfloat16()},
+            "float32 locations and weights with bfloat16 values",
+        ),
         ("int value", lambda a: {"value": a["value"].long()}, "float32 or float64"),
         ("mixed dtypes", lambda a: {"loc": a["loc"].double()}, "must have one dtype"),
         ("int32 shapes", lambda a: {"shapes": a["shapes"].int()}, "int64"),
@@ -243,6 +299,20 @@ def test_bad_grad_output_raises():
     with pytest.raises(RuntimeError, match="grad_output must be"):
         msda._C.ms_deform_attn_backward(
             a["value"], a["shapes"], a["starts"], a["loc"], a["attn"], torch.zeros(2, 3, 7)
+        )
+
+
+@needs_ext
+def test_backward_rejects_bf16_values():
+    a = _c_args()
+    with pytest.raises(RuntimeError, match="bfloat16 in the CPU forward"):
+        msda._C.ms_deform_attn_backward(
+            a["value"].bfloat16(),
+            a["shapes"],
+            a["starts"],
+            a["loc"],
+            a["attn"],
+            torch.zeros(2, 3, 8),
         )
 
 
@@ -414,16 +484,20 @@ def test_inference_softmax_is_fp32_and_exact():
     torch.testing.assert_close(low, x.to(torch.bfloat16).float().softmax(-1))
 
 
-def test_reduced_precision_values_are_projected_once_in_fp32():
-    """Under bf16 autocast the values come out of project_value in fp32, the op's compute type,
-    so attending in chunks converts nothing per chunk; the result matches fp32 closely."""
+@pytest.mark.parametrize("impl", ["pytorch", "auto"])
+def test_reduced_precision_values_are_converted_once_if_at_all(impl):
+    """Under bf16 autocast project_value returns what the op reads without converting: bf16 for
+    the compiled CPU kernel (without autograd), otherwise fp32, the op's compute type. So
+    attending in chunks converts nothing per chunk; the result matches fp32 closely."""
     torch.manual_seed(5)
-    module = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3).eval()
+    module = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3, impl=impl).eval()
     query, ref, feats, shapes, starts = _module_inputs(seed=6)
     with torch.no_grad():
         expected = module(query, ref, feats, shapes, starts)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             value = module.project_value(feats, shapes)
             got = module.attend(query, ref, value, shapes, starts)
-    assert value.dtype == torch.float32 and value.shape == (2, 60, 4, 8)
+    kernel_reads_bf16 = impl == "auto" and msda.extension_available()
+    assert value.dtype == (torch.bfloat16 if kernel_reads_bf16 else torch.float32)
+    assert value.shape == (2, 60, 4, 8)
     torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)

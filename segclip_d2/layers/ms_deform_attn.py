@@ -16,15 +16,18 @@ Conventions of the compiled op wrapper:
 
 * Inputs are made contiguous before the op is called (the C++ op itself checks contiguity).
 * float16 / bfloat16 inputs are cast to float32 for the compiled op and the result is cast back
-  to the input dtype; gradients flow back through the casts.
+  to the input dtype; gradients flow back through the casts. One exception: without autograd
+  the CPU kernel reads bfloat16 values directly (exactly, as float32) with float32 locations and
+  weights, which halves the memory the sampling reads.
 * The compiled backward is first-order only (``once_differentiable``); use ``impl="pytorch"``
   for double backward.
 * Setting the environment variable ``SEGCLIP_DISABLE_EXT=1`` before import hides the extension
   (``"auto"`` then uses the reference); tests may also set ``segclip_d2.layers.ms_deform_attn._C``
   to ``None``.
 
-The CPU kernel is compiled in a baseline copy and an AVX2+FMA copy chosen at run time
-(``_C.cpu_isa()`` tells which one runs; the log line names it too).
+The CPU kernel is compiled in a baseline copy, an AVX2+FMA copy and an AVX-512 copy; the best
+one the CPU supports is chosen at run time (``_C.cpu_isa()`` tells which one runs, the log line
+names it too, and ``_C.cpu_isas()`` lists the copies this machine can run).
 """
 
 from __future__ import annotations
@@ -206,6 +209,15 @@ def ms_deform_attn(
     _log_once("cpp", reason)
     out_dtype = value.dtype
     compute_dtype = out_dtype if out_dtype in (torch.float32, torch.float64) else torch.float32
+    if compiled_reads_bf16(value):
+        out = _C.ms_deform_attn_forward(
+            value.contiguous(),
+            spatial_shapes.to(dtype=torch.long).contiguous(),
+            level_start_index.to(dtype=torch.long).contiguous(),
+            sampling_locations.float().contiguous(),
+            attention_weights.float().contiguous(),
+        )
+        return out.to(out_dtype)
     out = _MSDeformAttnFunction.apply(
         value.to(compute_dtype).contiguous(),
         spatial_shapes.to(device=value.device, dtype=torch.long).contiguous(),
@@ -214,6 +226,17 @@ def ms_deform_attn(
         attention_weights.to(compute_dtype).contiguous(),
     )
     return out.to(out_dtype)
+
+
+def compiled_reads_bf16(value: torch.Tensor) -> bool:
+    """Whether the compiled op takes ``value`` as bfloat16 without converting it: the CPU
+    kernel's forward, when no gradient is needed."""
+    return (
+        value.dtype == torch.bfloat16
+        and value.device.type == "cpu"
+        and _C is not None
+        and not (torch.is_grad_enabled() and value.requires_grad)
+    )
 
 
 def _softmax_last_(x: torch.Tensor) -> torch.Tensor:
@@ -345,7 +368,9 @@ class MSDeformAttn(nn.Module):
         value = self.value_proj(input_flatten)  # (B, S, C)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
-        if value.dtype in (torch.float16, torch.bfloat16):
+        if value.dtype in (torch.float16, torch.bfloat16) and not (
+            self.impl != "pytorch" and compiled_reads_bf16(value)
+        ):
             # the compiled op samples in fp32; converting here, once, keeps a caller that
             # attends in chunks from converting the whole value tensor for every chunk
             value = value.float()

@@ -63,10 +63,14 @@ void check_inputs(
     const at::Tensor* grad_output) {
   TORCH_CHECK(
       value.dim() == 4, "ms_deform_attn: value must be (B, S, H, Dh), got sizes ", value.sizes());
+  // bf16 values: the CPU forward reads them as float32 (reduced-precision inference)
+  const bool bf16_values = value.scalar_type() == at::kBFloat16 && value.is_cpu() &&
+      grad_output == nullptr;
   TORCH_CHECK(
-      value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
-      "ms_deform_attn: value must be float32 or float64, got ",
+      value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble || bf16_values,
+      "ms_deform_attn: value must be float32 or float64 (or bfloat16 in the CPU forward), got ",
       value.scalar_type(),
+      value.is_cpu() ? std::string() : " on " + value.device().str(),
       " (the Python wrapper casts half precision to float32)");
   TORCH_CHECK(
       sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
@@ -86,10 +90,12 @@ void check_inputs(
       spatial_shapes.scalar_type(),
       " and ",
       level_start_index.scalar_type());
+  const auto coord_type = bf16_values ? at::kFloat : value.scalar_type();
   TORCH_CHECK(
-      sampling_locations.scalar_type() == value.scalar_type() &&
-          attention_weights.scalar_type() == value.scalar_type(),
-      "ms_deform_attn: value, sampling_locations and attention_weights must have one dtype, got ",
+      sampling_locations.scalar_type() == coord_type &&
+          attention_weights.scalar_type() == coord_type,
+      "ms_deform_attn: value, sampling_locations and attention_weights must have one dtype "
+      "(float32 locations and weights with bfloat16 values), got ",
       value.scalar_type(),
       ", ",
       sampling_locations.scalar_type(),
@@ -260,10 +266,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("with_cuda", &segclip::with_cuda, "whether the CUDA kernels were compiled in");
   m.def(
       "cpu_isa",
-      [] { return segclip::cpu_kernel_uses_avx2() ? "avx2+fma" : "baseline"; },
-      "instruction set of the CPU kernel copy used on this machine");
+      &segclip::cpu_kernel_isa,
+      "instruction set of the CPU kernel copy in use: 'avx512', 'avx2+fma' or 'baseline'");
   m.def(
-      "_force_baseline_cpu",
-      &segclip::cpu_kernel_force_baseline,
-      "testing: run the baseline CPU kernel copy even when AVX2 is available");
+      "cpu_isas",
+      &segclip::cpu_kernel_available_isas,
+      "the CPU kernel copies this build can run on this machine, baseline first");
+  m.def(
+      "_force_cpu_isa",
+      &segclip::cpu_kernel_force_isa,
+      "testing: run the named CPU kernel copy ('' = the best available)");
 }

@@ -3,12 +3,14 @@
 
 #include <ATen/core/Tensor.h>  // light header: keeps the build short
 
+#include <string>
 #include <vector>
 
 namespace segclip {
 
 // value (B, S, H, Dh), spatial_shapes (L, 2) int64, level_start_index (L,) int64,
-// sampling_locations (B, Q, H, L, P, 2), attention_weights (B, Q, H, L, P) -> (B, Q, H * Dh)
+// sampling_locations (B, Q, H, L, P, 2), attention_weights (B, Q, H, L, P) -> (B, Q, H * Dh).
+// value may also be bfloat16 with float32 locations and weights (float32 output).
 at::Tensor ms_deform_attn_forward_cpu(
     const at::Tensor& value,
     const at::Tensor& spatial_shapes,
@@ -25,11 +27,14 @@ std::vector<at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& attention_weights,
     const at::Tensor& grad_output);
 
-// Whether the CPU kernels run their AVX2+FMA copy on this machine (else the baseline copy).
-bool cpu_kernel_uses_avx2();
+// Instruction-set copy of the CPU kernels in use: "avx512", "avx2+fma" or "baseline".
+std::string cpu_kernel_isa();
 
-// Forces the baseline copy even on AVX2 machines (tests compare both copies).
-void cpu_kernel_force_baseline(bool force);
+// The copies this build can run on this CPU, baseline first.
+std::vector<std::string> cpu_kernel_available_isas();
+
+// Forces one of cpu_kernel_available_isas() ("" = automatic); tests compare the copies.
+void cpu_kernel_force_isa(const std::string& name);
 
 #ifdef WITH_CUDA
 at::Tensor ms_deform_attn_forward_cuda(

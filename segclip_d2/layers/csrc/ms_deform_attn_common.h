@@ -79,11 +79,28 @@ SEGCLIP_HD bool bilinear_corners(
   return true;
 }
 
+// A value element in the accumulation type. Values are float/double like everything else, or,
+// in the CPU forward only, bfloat16 passed as its raw bits (the upper half of a float32, so the
+// conversion is exact).
+SEGCLIP_HD float value_as_acc(float v) {
+  return v;
+}
+SEGCLIP_HD double value_as_acc(double v) {
+  return v;
+}
+inline float value_as_acc(uint16_t bf16_bits) {
+  const uint32_t u = static_cast<uint32_t>(bf16_bits) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
 // Bilinear sample of channel `ch`: sum_k w_k * v_k[ch]. `v[k]` points at corner k's channels.
-template <typename scalar_t>
+template <typename scalar_t, typename value_t = scalar_t>
 SEGCLIP_HD scalar_t bilinear_sample(
-    const BilinearCorners<scalar_t>& c, const scalar_t* const v[4], int64_t ch) {
-  return c.w[0] * v[0][ch] + c.w[1] * v[1][ch] + c.w[2] * v[2][ch] + c.w[3] * v[3][ch];
+    const BilinearCorners<scalar_t>& c, const value_t* const v[4], int64_t ch) {
+  return c.w[0] * value_as_acc(v[0][ch]) + c.w[1] * value_as_acc(v[1][ch]) +
+      c.w[2] * value_as_acc(v[2][ch]) + c.w[3] * value_as_acc(v[3][ch]);
 }
 
 // Sample and its spatial derivatives for channel `ch`: value, d value / dx, d value / dy
