@@ -220,6 +220,22 @@ def test_inference_fast_path_equals_full_predictions():
     torch.testing.assert_close(fast["pred_masks"], full["pred_masks"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_shared_level_keys_at_inference_equal_per_layer_keys(bf16):
+    """Without autograd every level's keys (memory + pos) are added, and under autocast cast to
+    bf16, once for all its layers; the result must be what each layer computing its own keys
+    gives (with autograd on), under bf16 autocast too."""
+    dec = _decoder(dec_layers=6)
+    x, mf, text = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.enable_grad():
+            per_layer = dec(x, mf, text)
+        with torch.no_grad():
+            shared = dec(x, mf, text)
+    for key in ("pred_logits", "pred_masks"):
+        torch.testing.assert_close(shared[key], per_layer[key].detach(), rtol=0, atol=0)
+
+
 def test_attention_with_per_image_mask_equals_multihead_attention():
     """The decoder's attention (one mask per image, broadcast over heads) computes exactly what
     nn.MultiheadAttention computes with its per-head (B * nhead, Q, S) mask."""

@@ -112,6 +112,7 @@ class CrossAttentionLayer(nn.Module):
         memory_mask: torch.Tensor | None = None,
         pos: torch.Tensor | None = None,
         query_pos: torch.Tensor | None = None,
+        memory_with_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -120,6 +121,8 @@ class CrossAttentionLayer(nn.Module):
             memory_mask: (B, Q, S) bool, True = may NOT attend; or None.
             pos: (B, S, C) positional encoding of the memory (added to the keys).
             query_pos: (B, Q, C) positional embedding of the queries.
+            memory_with_pos: ``memory + pos`` computed by the caller (layers that attend to
+                the same memory can share it), or None to add them here.
         Returns:
             (B, Q, C)
         """
@@ -127,7 +130,7 @@ class CrossAttentionLayer(nn.Module):
         out = multi_head_attention(
             self.multihead_attn,
             _with_pos(x, query_pos),
-            _with_pos(memory, pos),
+            _with_pos(memory, pos) if memory_with_pos is None else memory_with_pos,
             memory,
             memory_mask,
         )

@@ -325,6 +325,19 @@ class SegCLIPTransformerDecoder(nn.Module):
         if not full_predictions:
             features_at = [bilinear_resize(mask_features, sz) for sz in sizes]
 
+        # Inference: the keys (memory + pos) of a level are shared by its layers, so they are
+        # added once; under autocast keys and values are also cast to the compute dtype once
+        # (each layer's F.linear would cast its own copy: two passes over up to S = H/8 * W/8
+        # tokens per layer). Same values as the per-layer path.
+        keys = [None] * self.num_feature_levels
+        if not torch.is_grad_enabled():
+            dev = mask_features.device.type
+            low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+            for lvl in range(self.num_feature_levels):
+                keys[lvl] = src[lvl] + pos[lvl]
+                if low is not None:
+                    keys[lvl], src[lvl] = keys[lvl].to(low), src[lvl].to(low)
+
         pred_logits, pred_masks = [], []
 
         def predict_then_mask(queries: torch.Tensor, layer: int) -> torch.Tensor:
@@ -343,7 +356,12 @@ class SegCLIPTransformerDecoder(nn.Module):
         for i in range(self.num_layers):
             lvl = i % self.num_feature_levels
             queries = self.transformer_cross_attention_layers[i](
-                queries, src[lvl], memory_mask=attn_mask, pos=pos[lvl], query_pos=query_pos
+                queries,
+                src[lvl],
+                memory_mask=attn_mask,
+                pos=pos[lvl],
+                query_pos=query_pos,
+                memory_with_pos=keys[lvl],
             )
             queries = self.transformer_self_attention_layers[i](
                 queries, attn_mask=self_mask, query_pos=query_pos
