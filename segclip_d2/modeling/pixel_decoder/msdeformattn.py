@@ -6,6 +6,7 @@ FPN step adds the (laterally projected) ``res2`` to the upsampled stride-8 map a
 a 3x3 mask projection give the per-pixel mask features at stride 4.
 """
 
+import functools
 import logging
 import math
 
@@ -328,7 +329,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 padding=1,
                 bias=use_bias,
                 norm=make_norm(norm, conv_dim),
-                activation=F.relu,
+                # in place: neither GroupNorm's nor the convolution's backward reads its output,
+                # and at stride 4 a new (B, C, H/4, W/4) tensor costs a pass over fresh memory
+                activation=functools.partial(F.relu, inplace=True),
             )
             weight_init.c2_xavier_fill(lateral)
             weight_init.c2_xavier_fill(output)
