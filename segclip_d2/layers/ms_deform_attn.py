@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .onednn_linear import linear
+
 logger = logging.getLogger(__name__)
 
 BUILD_COMMAND = "`make setup` or `.venv/bin/pip install --no-build-isolation -e .`"
@@ -400,7 +402,7 @@ class MSDeformAttn(nn.Module):
         inv = 1.0 / torch.stack([input_spatial_shapes[:, 1], input_spatial_shapes[:, 0]], -1)
         inv = inv.to(self.sampling_offsets.weight.dtype).view(1, L, 1, 2).expand(H, L, P, 2)
         inv = inv.reshape(-1)
-        offsets = F.linear(
+        offsets = linear(
             query, self.sampling_offsets.weight * inv[:, None], self.sampling_offsets.bias * inv
         ).view(B, Q, H, L * P * 2)
         # the reference point of each level repeated over its P points: (B, Q, 1, L * P * 2),

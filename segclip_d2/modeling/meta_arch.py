@@ -26,6 +26,7 @@ from torch import nn
 from segclip_d2.inference import SegInferencer
 
 from ..layers.frozen_bn_folding import enable_frozen_bn_folding
+from ..layers.onednn_linear import enable_onednn_linear
 from .criterion import build_criterion
 from .pixel_decoder import build_pixel_decoder
 from .text_encoder import FrozenCLIPTextEncoder
@@ -139,6 +140,9 @@ class SegCLIP(nn.Module):
             text_dim=text_encoder.embed_dim,
             num_classes=len(class_names),
         )
+        # fp32 CPU inference without autograd only; see the module
+        enable_onednn_linear(pixel_decoder)
+        enable_onednn_linear(predictor)
         return {
             "backbone": backbone,
             "pixel_decoder": pixel_decoder,
