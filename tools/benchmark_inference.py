@@ -423,6 +423,14 @@ def mode_ab(args) -> None:
         f"\n== one-process A/B, {Path(config).name}, {len(images)} image(s) of 1024x1024, "
         f"CPU {args.threads} threads, median of {len(times['fast fp32'])} =="
     )
+    from segclip_d2.layers import onednn_linear
+
+    isa = msda_mod._C.cpu_isa() if msda_mod.extension_available() else "not built"
+    with torch.no_grad():
+        route = (
+            "oneDNN" if onednn_linear.uses_onednn(torch.ones(1), torch.ones(1, 1)) else "F.linear"
+        )
+    print(f"(MSDA CPU kernel copy: {isa}; fp32 linear layers at inference: {route})")
     print(f"{'variant':14s} {'total':>8s} {'MSDA op':>8s} {'post':>8s} {'rest':>8s}  (s/image)")
     for name, t in med.items():
         op = statistics.median(o for o, _ in split[name])
