@@ -28,6 +28,7 @@ import segclip_d2  # noqa: F401  (registers datasets)
 import segclip_d2.modeling.meta_arch  # noqa: F401  (registers SegCLIP)
 from segclip_d2 import add_segclip_config, compat
 from segclip_d2.engine import SegCLIPTrainer, launch, write_color_prediction
+from segclip_d2.utils.checkpoint import explain_weight_fetch_errors
 
 logger = logging.getLogger("segclip_d2.train_net")
 
@@ -76,9 +77,10 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        with explain_weight_fetch_errors(cfg.MODEL.WEIGHTS):
+            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+                cfg.MODEL.WEIGHTS, resume=args.resume
+            )
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)

@@ -159,6 +159,7 @@ def build_predictor(cfg):
     import segclip_d2.modeling.backbone  # noqa: F401  (CLIP ResNet backbone)
     import segclip_d2.modeling.meta_arch  # noqa: F401  (SegCLIP)
     from segclip_d2.inference import SegInferencer
+    from segclip_d2.utils.checkpoint import explain_weight_fetch_errors
 
     model = build_model(cfg)
     model.eval()
@@ -168,7 +169,8 @@ def build_predictor(cfg):
                 f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: no such file (pass a trained checkpoint "
                 "with --opts MODEL.WEIGHTS path/to/model_final.pth)"
             )
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        with explain_weight_fetch_errors(cfg.MODEL.WEIGHTS):
+            DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     else:
         logger.warning("MODEL.WEIGHTS is empty: the model is randomly initialised")
     inferencer = getattr(model, "inferencer", None) or SegInferencer(cfg)

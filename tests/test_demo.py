@@ -266,3 +266,44 @@ def test_expand_inputs_folders_globs_and_missing(tmp_path):
     )
     assert [f.name for f in files] == ["a.tif", "b.png"]
     assert [m[0] for m in missing] == [str(tmp_path / "nope.png"), str(tmp_path / "*.jp2")]
+
+
+def test_demo_unreachable_remote_weights_give_one_clear_error(tmp_path, caplog):
+    """A remote MODEL.WEIGHTS that cannot be fetched (here: a refused local port, as offline)
+    fails at once with an error naming the file and the ways out; nothing is written."""
+    demo = load_demo()
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), np.zeros((32, 32, 3), np.uint8))
+    url = "http://127.0.0.1:9/segclip_test_weights.pth"
+    with caplog.at_level(logging.ERROR):
+        code = demo.main(
+            [
+                "--config-file",
+                str(write_config(tmp_path)),
+                "--input",
+                str(img),
+                "--output",
+                str(tmp_path / "out"),
+                "--opts",
+                "MODEL.WEIGHTS",
+                url,
+            ]
+        )
+    assert code != 0
+    assert f"MODEL.WEIGHTS {url}: could not be downloaded" in caplog.text
+    assert 'MODEL.WEIGHTS ""' in caplog.text and "local path" in caplog.text
+    assert not any((tmp_path / "out").glob("*_pred.png"))
+
+
+def test_weight_error_explanation_leaves_local_and_other_errors_alone():
+    from segclip_d2.utils.checkpoint import WeightsUnavailableError, explain_weight_fetch_errors
+
+    with pytest.raises(FileNotFoundError):
+        with explain_weight_fetch_errors("/no/such/model.pth"):
+            raise FileNotFoundError("/no/such/model.pth")
+    with pytest.raises(KeyError):
+        with explain_weight_fetch_errors("https://example.org/model.pth"):
+            raise KeyError("not a download problem")
+    with pytest.raises(WeightsUnavailableError, match="https://example.org/m.pth"):
+        with explain_weight_fetch_errors("https://example.org/m.pth"):
+            raise ConnectionResetError("reset")

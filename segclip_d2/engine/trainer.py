@@ -25,6 +25,7 @@ from .. import compat
 from ..data.dataset_facts import get_facts
 from ..data.evaluator import build_evaluator as build_segclip_evaluator
 from ..data.mapper import build_test_mapper, build_train_mapper
+from ..utils.checkpoint import explain_weight_fetch_errors
 from .data import ResumableTrainLoader, build_train_loader
 from .hooks import BestCheckpointer
 from .lr_scheduler import build_lr_scheduler
@@ -89,7 +90,8 @@ class SegCLIPTrainer(DefaultTrainer):
 
     # ------------------------------------------------------------------ state
     def resume_or_load(self, resume: bool = True):
-        super().resume_or_load(resume=resume)
+        with explain_weight_fetch_errors(self.cfg.MODEL.WEIGHTS):
+            super().resume_or_load(resume=resume)
         self._train_loader.start_iter = self.start_iter
 
     def state_dict(self):
