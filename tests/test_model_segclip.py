@@ -206,11 +206,13 @@ def test_low_and_full_resolution_postprocess_agree(model):
     assert (low - full).abs().mean() < 0.05 * full.abs().mean()
 
 
-def test_refined_pixels_equal_the_full_resolution_path(model, monkeypatch):
-    """Refining every pixel must reproduce the full-resolution post-processing exactly (odd,
-    non-divisible size, so padding and border clamping are exercised); refining none leaves the
-    plain low-resolution combination."""
-    images = torch.stack([_image(61, 90, seed=4).float()])
+@pytest.mark.parametrize("size", [(61, 90), (64, 96)])
+def test_refined_pixels_equal_the_full_resolution_path(model, monkeypatch, size):
+    """Refining every pixel must reproduce the full-resolution post-processing exactly (an odd,
+    non-divisible size exercises padding, cropping and border clamping; a divisible one the
+    in-place write into the uncropped scores); refining none leaves the plain low-resolution
+    combination."""
+    images = torch.stack([_image(*size, seed=4).float()])
     with torch.no_grad():
         model.postprocess = "full"
         try:

@@ -262,7 +262,8 @@ class SegCLIP(nn.Module):
             probs: (B, K, h, w) low-resolution combination, upsampled and cropped.
             cls: (B, N, K) class probabilities; masks: (B, N, h4, w4) mask logits.
         Returns:
-            probs with the refined pixels replaced, (B, K, h, w).
+            probs with the refined pixels replaced, (B, K, h, w); written into ``probs`` itself
+            when it is contiguous (the caller's own tensor).
         """
         b, k, h, w = probs.shape
         n_refine = int(self.refine_fraction * h * w)
@@ -279,7 +280,9 @@ class SegCLIP(nn.Module):
             masks, grid[:, None], mode="bilinear", padding_mode="border", align_corners=False
         )[:, :, 0]  # (B, N, n)
         exact = torch.einsum("bqk,bqn->bkn", cls, logits.sigmoid())  # (B, K, n)
-        flat = probs.flatten(2).clone()
+        # probs is this function's own tensor (interpolated, then cropped): reshape gives a view
+        # to scatter into when the crop kept it contiguous, a copy otherwise
+        flat = probs.reshape(b, k, h * w)
         flat.scatter_(2, idx[:, None].expand(-1, k, -1), exact)
         return flat.view(b, k, h, w)
 
