@@ -44,6 +44,11 @@ def setup(args):
     if args.config_file:
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts or [])
+    # evaluation flags (the config keys they set work as KEY VALUE pairs too)
+    if getattr(args, "tta", False):
+        cfg.TEST.TTA.ENABLED = True
+    if getattr(args, "precision", None):
+        cfg.TEST.PRECISION = args.precision
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
         device_note = "MODEL.DEVICE is cuda but CUDA is not available: using cpu"
@@ -101,6 +106,17 @@ def main(args):
 def build_parser():
     parser = default_argument_parser()
     parser.set_defaults(dist_url="auto")
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation in evaluation (sets TEST.TTA.ENABLED True; flips, rotations "
+        "and scales from TEST.TTA.*)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        help="inference precision in evaluation (sets TEST.PRECISION; fp16 on a CPU runs bf16)",
+    )
     return parser
 
 

@@ -245,3 +245,18 @@ def test_train_net_main_end_to_end(tiny_synthetic, tmp_path):
     )
     again = train_net.main(args)
     assert again["sem_seg"]["mIoU"] == pytest.approx(best["best_metric"], abs=1e-6)
+
+
+def test_train_net_eval_flags_set_tta_and_precision(tmp_path):
+    """`--tta` and `--precision` are the evaluation's TTA and precision config keys."""
+    import train_net
+
+    argv = ["--config-file", str(REPO / "configs/synthetic/segclip_cpu.yaml"), "--eval-only"]
+    opts = ["OUTPUT_DIR", str(tmp_path / "ev")]
+    cfg = train_net.setup(train_net.build_parser().parse_args(argv + opts))
+    assert cfg.TEST.TTA.ENABLED is False and cfg.TEST.PRECISION == "fp32"
+    args = train_net.build_parser().parse_args(argv + ["--tta", "--precision", "bf16"] + opts)
+    cfg = train_net.setup(args)
+    assert cfg.TEST.TTA.ENABLED is True and cfg.TEST.PRECISION == "bf16"
+    with pytest.raises(SystemExit):  # argparse names the allowed values
+        train_net.build_parser().parse_args(argv + ["--precision", "int8"])
