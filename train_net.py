@@ -17,7 +17,6 @@ import logging
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
@@ -28,7 +27,7 @@ import segclip_d2  # noqa: F401  (registers datasets)
 import segclip_d2.modeling.meta_arch  # noqa: F401  (registers SegCLIP)
 from segclip_d2 import add_segclip_config, compat
 from segclip_d2.engine import SegCLIPTrainer, launch, write_color_prediction
-from segclip_d2.utils.checkpoint import explain_weight_fetch_errors
+from segclip_d2.utils.checkpoint import InferenceCheckpointer
 
 logger = logging.getLogger("segclip_d2.train_net")
 
@@ -82,10 +81,10 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        with explain_weight_fetch_errors(cfg.MODEL.WEIGHTS):
-            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-                cfg.MODEL.WEIGHTS, resume=args.resume
-            )
+        # every parameter must come from the checkpoint (clear error otherwise)
+        InferenceCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)

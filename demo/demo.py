@@ -152,14 +152,13 @@ def dataset_vocabulary(cfg) -> tuple[list[str], list[tuple[int, int, int]]]:
 def build_predictor(cfg):
     """The model in eval mode (weights from MODEL.WEIGHTS when set) and its inferencer."""
     import torch  # noqa: F401
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
     import segclip_d2.modeling  # noqa: F401  (registers the model parts)
     import segclip_d2.modeling.backbone  # noqa: F401  (CLIP ResNet backbone)
     import segclip_d2.modeling.meta_arch  # noqa: F401  (SegCLIP)
     from segclip_d2.inference import SegInferencer
-    from segclip_d2.utils.checkpoint import explain_weight_fetch_errors
+    from segclip_d2.utils.checkpoint import InferenceCheckpointer
 
     model = build_model(cfg)
     model.eval()
@@ -169,8 +168,7 @@ def build_predictor(cfg):
                 f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: no such file (pass a trained checkpoint "
                 "with --opts MODEL.WEIGHTS path/to/model_final.pth)"
             )
-        with explain_weight_fetch_errors(cfg.MODEL.WEIGHTS):
-            DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        InferenceCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # clear error if it does not fit
     else:
         logger.warning("MODEL.WEIGHTS is empty: the model is randomly initialised")
     inferencer = getattr(model, "inferencer", None) or SegInferencer(cfg)

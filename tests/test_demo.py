@@ -307,3 +307,47 @@ def test_weight_error_explanation_leaves_local_and_other_errors_alone():
     with pytest.raises(WeightsUnavailableError, match="https://example.org/m.pth"):
         with explain_weight_fetch_errors("https://example.org/m.pth"):
             raise ConnectionResetError("reset")
+
+
+def test_demo_rejects_a_checkpoint_that_does_not_fit_the_config(tmp_path, caplog):
+    """Weights trained with another config (here: the linear class head, loaded into a model
+    with the text head) are refused with the file and the differing parameters named, instead
+    of running with the unmatched parameters left random."""
+    import torch
+
+    demo = load_demo()
+    cfg = demo.setup_cfg(
+        demo.get_parser().parse_args(
+            [
+                "--config-file",
+                str(write_config(tmp_path, "linear")),
+                "--input",
+                "x",
+                "--output",
+                "o",
+            ]
+        )
+    )
+    model, _ = demo.build_predictor(cfg)
+    ckpt = tmp_path / "linear_head.pth"
+    torch.save({"model": model.state_dict()}, ckpt)
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), np.zeros((64, 64, 3), np.uint8))
+    args = ["--input", str(img), "--output", str(tmp_path / "out"), "--opts"]
+    with caplog.at_level(logging.ERROR):
+        bad = demo.main(
+            ["--config-file", str(write_config(tmp_path, "text"))]
+            + args
+            + ["MODEL.WEIGHTS", str(ckpt)]
+        )
+    assert bad != 0
+    assert f"checkpoint {ckpt} does not fit the model" in caplog.text
+    assert "class_head" in caplog.text
+    assert not any((tmp_path / "out").glob("*_pred.png"))
+    # the config it was trained with loads it
+    good = demo.main(
+        ["--config-file", str(write_config(tmp_path, "linear"))]
+        + args
+        + ["MODEL.WEIGHTS", str(ckpt)]
+    )
+    assert good == 0 and (tmp_path / "out" / "a_pred.png").is_file()

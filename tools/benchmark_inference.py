@@ -99,9 +99,9 @@ def load_model(config: str, opts: list[str]):
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS and os.path.isfile(cfg.MODEL.WEIGHTS):
-        from detectron2.checkpoint import DetectionCheckpointer
+        from segclip_d2.utils.checkpoint import InferenceCheckpointer
 
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # a trained local checkpoint
+        InferenceCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # a trained local checkpoint
     # else random init (URLs such as the ImageNet backbone are not fetched)
     return cfg, model, SegInferencer(cfg)
 

@@ -1,13 +1,20 @@
-"""A clear error when ``MODEL.WEIGHTS`` names a remote file that cannot be fetched.
+"""Checkpoint loading with clear errors.
 
-detectron2 downloads ``detectron2://`` / ``http(s)://`` weights through iopath; without a network
-that ends in a bare ``<urlopen error [Errno -2] Name or service not known>`` that names neither the
-file nor a way out. :func:`explain_weight_fetch_errors` turns it into one error that does.
+* :func:`explain_weight_fetch_errors`: detectron2 downloads ``detectron2://`` / ``http(s)://``
+  weights through iopath; without a network that ends in a bare ``<urlopen error [Errno -2] Name
+  or service not known>`` that names neither the file nor a way out. This turns it into one
+  error that does.
+* :class:`InferenceCheckpointer`: loading trained weights for evaluation or the demo. detectron2
+  only warns when a checkpoint does not fit the model (other shapes, missing parameters) and
+  leaves those parameters randomly initialised, which for inference means plausible-looking
+  but meaningless predictions. This checkpointer refuses such a checkpoint and says what differs.
 """
 
 from __future__ import annotations
 
 import contextlib
+
+from detectron2.checkpoint import DetectionCheckpointer
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -34,3 +41,48 @@ def explain_weight_fetch_errors(weights: str):
             "`--opts MODEL.WEIGHTS /path/to/model_final.pth` for demo/demo.py), or set "
             'MODEL.WEIGHTS "" to start from random initialisation.'
         ) from e
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint loaded for inference does not provide every parameter of the model."""
+
+
+class InferenceCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` for evaluation and the demo: every parameter and buffer of the
+    model must come from the checkpoint with its shape, else :class:`CheckpointMismatchError`
+    names the file and the differences (extra entries in the checkpoint are only logged)."""
+
+    def load(self, path: str, checkpointables=None):
+        self._loading = path
+        with explain_weight_fetch_errors(path):
+            return super().load(path, checkpointables)
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        super()._log_incompatible_keys(incompatible)
+        shapes = [
+            f"{k}: {tuple(a)} in the checkpoint, {tuple(b)} in the model"
+            for k, a, b in incompatible.incorrect_shapes
+        ]
+        reshaped = {k for k, _, _ in incompatible.incorrect_shapes}
+        missing = [k for k in incompatible.missing_keys if k not in reshaped]
+        if not shapes and not missing:
+            return
+        parts = []
+        if shapes:
+            parts.append(
+                f"{len(shapes)} with another shape ({'; '.join(shapes[:3])}"
+                + (", ..." if len(shapes) > 3 else "")
+                + ")"
+            )
+        if missing:
+            parts.append(
+                f"{len(missing)} missing ({', '.join(missing[:5])}"
+                + (", ..." if len(missing) > 5 else "")
+                + ")"
+            )
+        raise CheckpointMismatchError(
+            f"checkpoint {getattr(self, '_loading', '?')} does not fit the model built from this "
+            f"config: of its parameters, {' and '.join(parts)}. Use the config it was trained "
+            "with (train_net.py saves it as config.yaml next to the checkpoints); a backbone "
+            "initialisation such as R-50.pkl is for training, not for evaluation."
+        )
