@@ -26,6 +26,7 @@ from detectron2.utils.logger import setup_logger
 import segclip_d2  # noqa: F401  (registers datasets)
 import segclip_d2.modeling.meta_arch  # noqa: F401  (registers SegCLIP)
 from segclip_d2 import add_segclip_config, compat
+from segclip_d2.cli import add_inference_arguments, apply_inference_arguments
 from segclip_d2.engine import SegCLIPTrainer, launch, write_color_prediction
 from segclip_d2.utils.checkpoint import InferenceCheckpointer
 
@@ -43,11 +44,7 @@ def setup(args):
     if args.config_file:
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts or [])
-    # evaluation flags (the config keys they set work as KEY VALUE pairs too)
-    if getattr(args, "tta", False):
-        cfg.TEST.TTA.ENABLED = True
-    if getattr(args, "precision", None):
-        cfg.TEST.PRECISION = args.precision
+    apply_inference_arguments(cfg, args)  # --tta / --precision for the evaluation
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
         device_note = "MODEL.DEVICE is cuda but CUDA is not available: using cpu"
@@ -105,17 +102,7 @@ def main(args):
 def build_parser():
     parser = default_argument_parser()
     parser.set_defaults(dist_url="auto")
-    parser.add_argument(
-        "--tta",
-        action="store_true",
-        help="test-time augmentation in evaluation (sets TEST.TTA.ENABLED True; flips, rotations "
-        "and scales from TEST.TTA.*)",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "fp16"),
-        help="inference precision in evaluation (sets TEST.PRECISION; fp16 on a CPU runs bf16)",
-    )
+    add_inference_arguments(parser)
     return parser
 
 

@@ -45,6 +45,8 @@ _INPUT_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeEr
 
 
 def get_parser() -> argparse.ArgumentParser:
+    from segclip_d2.cli import add_inference_arguments
+
     p = argparse.ArgumentParser(description="SegCLIP demo on images and GeoTIFFs")
     p.add_argument("--config-file", required=True, metavar="FILE", help="model config (YAML)")
     p.add_argument(
@@ -56,13 +58,7 @@ def get_parser() -> argparse.ArgumentParser:
         default="",
         help="comma-separated custom vocabulary (needs MODEL.SEGCLIP.CLASS_HEAD text)",
     )
-    p.add_argument("--tta", action="store_true", help="test-time augmentation (TEST.TTA.*)")
-    p.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "fp16"),
-        default=None,
-        help="inference precision (TEST.PRECISION); fp16 on CPU falls back to bf16",
-    )
+    add_inference_arguments(p)
     p.add_argument("--bands", default="", help="1-based bands used as R,G,B, e.g. 3,2,1")
     p.add_argument("--block-size", type=int, default=1024, help="pixels per block (default 1024)")
     p.add_argument(
@@ -86,15 +82,13 @@ def setup_cfg(args):
     from detectron2.config import get_cfg
 
     from segclip_d2 import add_segclip_config
+    from segclip_d2.cli import apply_inference_arguments
 
     cfg = get_cfg()
     add_segclip_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    if args.tta:
-        cfg.TEST.TTA.ENABLED = True
-    if args.precision:
-        cfg.TEST.PRECISION = args.precision
+    apply_inference_arguments(cfg, args)
     import torch
 
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():

@@ -60,6 +60,20 @@ def write_config(folder: Path, head: str = "linear") -> Path:
     return path
 
 
+def blank_png(folder: Path, size: int) -> Path:
+    path = folder / "a.png"
+    cv2.imwrite(str(path), np.zeros((size, size, 3), np.uint8))
+    return path
+
+
+def run_demo(demo, folder: Path, image: Path, *extra: str, head: str = "linear") -> int:
+    """demo.main on ``image`` with the tiny ``head`` config, outputs in ``folder / "out"``."""
+    config = str(write_config(folder, head))
+    return demo.main(
+        ["--config-file", config, "--input", str(image), "--output", str(folder / "out"), *extra]
+    )
+
+
 def write_geotiff(path: Path, height=100, width=90, nodata_rows=10):
     """A 3-band uint16 GeoTIFF in UTM 33N with a no-data strip on top."""
     import rasterio
@@ -196,21 +210,8 @@ def test_demo_reports_bad_inputs_and_processes_the_others(demo_run):
 
 def test_demo_classes_needs_the_text_head(tmp_path, caplog):
     demo = load_demo()
-    img = tmp_path / "a.png"
-    cv2.imwrite(str(img), np.zeros((32, 32, 3), np.uint8))
     with caplog.at_level(logging.ERROR):
-        code = demo.main(
-            [
-                "--config-file",
-                str(write_config(tmp_path)),
-                "--input",
-                str(img),
-                "--output",
-                str(tmp_path / "out"),
-                "--classes",
-                "road,water",
-            ]
-        )
+        code = run_demo(demo, tmp_path, blank_png(tmp_path, 32), "--classes", "road,water")
     assert code == 2
     assert "CLASS_HEAD text" in caplog.text and "linear" in caplog.text
 
@@ -272,23 +273,9 @@ def test_demo_unreachable_remote_weights_give_one_clear_error(tmp_path, caplog):
     """A remote MODEL.WEIGHTS that cannot be fetched (here: a refused local port, as offline)
     fails at once with an error naming the file and the ways out; nothing is written."""
     demo = load_demo()
-    img = tmp_path / "a.png"
-    cv2.imwrite(str(img), np.zeros((32, 32, 3), np.uint8))
     url = "http://127.0.0.1:9/segclip_test_weights.pth"
     with caplog.at_level(logging.ERROR):
-        code = demo.main(
-            [
-                "--config-file",
-                str(write_config(tmp_path)),
-                "--input",
-                str(img),
-                "--output",
-                str(tmp_path / "out"),
-                "--opts",
-                "MODEL.WEIGHTS",
-                url,
-            ]
-        )
+        code = run_demo(demo, tmp_path, blank_png(tmp_path, 32), "--opts", "MODEL.WEIGHTS", url)
     assert code != 0
     assert f"MODEL.WEIGHTS {url}: could not be downloaded" in caplog.text
     assert 'MODEL.WEIGHTS ""' in caplog.text and "local path" in caplog.text
@@ -331,23 +318,14 @@ def test_demo_rejects_a_checkpoint_that_does_not_fit_the_config(tmp_path, caplog
     model, _ = demo.build_predictor(cfg)
     ckpt = tmp_path / "linear_head.pth"
     torch.save({"model": model.state_dict()}, ckpt)
-    img = tmp_path / "a.png"
-    cv2.imwrite(str(img), np.zeros((64, 64, 3), np.uint8))
-    args = ["--input", str(img), "--output", str(tmp_path / "out"), "--opts"]
+    img = blank_png(tmp_path, 64)
+    weights = ("--opts", "MODEL.WEIGHTS", str(ckpt))
     with caplog.at_level(logging.ERROR):
-        bad = demo.main(
-            ["--config-file", str(write_config(tmp_path, "text"))]
-            + args
-            + ["MODEL.WEIGHTS", str(ckpt)]
-        )
+        bad = run_demo(demo, tmp_path, img, *weights, head="text")
     assert bad != 0
     assert f"checkpoint {ckpt} does not fit the model" in caplog.text
     assert "class_head" in caplog.text
     assert not any((tmp_path / "out").glob("*_pred.png"))
     # the config it was trained with loads it
-    good = demo.main(
-        ["--config-file", str(write_config(tmp_path, "linear"))]
-        + args
-        + ["MODEL.WEIGHTS", str(ckpt)]
-    )
+    good = run_demo(demo, tmp_path, img, *weights, head="linear")
     assert good == 0 and (tmp_path / "out" / "a_pred.png").is_file()

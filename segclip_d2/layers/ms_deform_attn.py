@@ -211,22 +211,16 @@ def ms_deform_attn(
     _log_once("cpp", reason)
     out_dtype = value.dtype
     compute_dtype = out_dtype if out_dtype in (torch.float32, torch.float64) else torch.float32
-    if compiled_reads_bf16(value):
-        out = _C.ms_deform_attn_forward(
-            value.contiguous(),
-            spatial_shapes.to(dtype=torch.long).contiguous(),
-            level_start_index.to(dtype=torch.long).contiguous(),
-            sampling_locations.float().contiguous(),
-            attention_weights.float().contiguous(),
-        )
-        return out.to(out_dtype)
-    out = _MSDeformAttnFunction.apply(
-        value.to(compute_dtype).contiguous(),
+    args = (
         spatial_shapes.to(device=value.device, dtype=torch.long).contiguous(),
         level_start_index.to(device=value.device, dtype=torch.long).contiguous(),
         sampling_locations.to(compute_dtype).contiguous(),
         attention_weights.to(compute_dtype).contiguous(),
     )
+    if compiled_reads_bf16(value):  # no autograd: the kernel reads the bf16 values as they are
+        out = _C.ms_deform_attn_forward(value.contiguous(), *args)
+    else:
+        out = _MSDeformAttnFunction.apply(value.to(compute_dtype).contiguous(), *args)
     return out.to(out_dtype)
 
 

@@ -43,6 +43,11 @@ def explain_weight_fetch_errors(weights: str):
         ) from e
 
 
+def _first(items: list[str], n: int, sep: str) -> str:
+    """The first ``n`` items joined, with ", ..." when there are more."""
+    return sep.join(items[:n]) + (", ..." if len(items) > n else "")
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint loaded for inference does not provide every parameter of the model."""
 
@@ -69,17 +74,9 @@ class InferenceCheckpointer(DetectionCheckpointer):
             return
         parts = []
         if shapes:
-            parts.append(
-                f"{len(shapes)} with another shape ({'; '.join(shapes[:3])}"
-                + (", ..." if len(shapes) > 3 else "")
-                + ")"
-            )
+            parts.append(f"{len(shapes)} with another shape ({_first(shapes, 3, '; ')})")
         if missing:
-            parts.append(
-                f"{len(missing)} missing ({', '.join(missing[:5])}"
-                + (", ..." if len(missing) > 5 else "")
-                + ")"
-            )
+            parts.append(f"{len(missing)} missing ({_first(missing, 5, ', ')})")
         raise CheckpointMismatchError(
             f"checkpoint {getattr(self, '_loading', '?')} does not fit the model built from this "
             f"config: of its parameters, {' and '.join(parts)}. Use the config it was trained "

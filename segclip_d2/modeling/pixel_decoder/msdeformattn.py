@@ -3,7 +3,7 @@
 Backbone ``res3..res5`` -> 1x1 projections to ``CONVS_DIM`` -> ``ENC_LAYERS`` deformable-attention
 encoder layers over the three levels together -> three refined maps (strides 32, 16, 8); an
 FPN step adds the (laterally projected) ``res2`` to the upsampled stride-8 map and a 3x3 conv +
-a 3x3 mask projection give the per-pixel mask features at stride 4.
+a 1x1 mask projection give the per-pixel mask features at stride 4.
 """
 
 import functools
