@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+# atomic_output / remove_stale_temps: the one temp-name + rename helper for every writer.
+from segclip_d2.utils.atomic import AtomicFile, atomic_output, remove_stale_temps  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -254,28 +256,13 @@ def open_source(path: str | Path, bands: Sequence[int] | None = None):
 
 
 # ---------------------------------------------------------------------- atomic writers
-def _temp_path(final: Path, suffix: str) -> Path:
-    """A new hidden temp file next to ``final`` with the permissions a plain create would give."""
-    fd, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=suffix, dir=final.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)
-    return Path(name)
-
-
 def write_png(path: str | Path, array: np.ndarray) -> None:
-    """Write an (H, W) or (H, W, 3) RGB uint8 array as PNG via a temp file + ``os.replace``."""
+    """Write an (H, W) or (H, W, 3) RGB uint8 array as PNG via a temp file + rename."""
     path = Path(path)
-    tmp = _temp_path(path, ".png")
-    try:
+    with atomic_output(path) as tmp:
         arr = array if array.ndim == 2 else array[:, :, ::-1]  # RGB -> BGR for OpenCV
         if not cv2.imwrite(str(tmp), np.ascontiguousarray(arr)):
             raise OSError(f"{path}: could not be written")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class GeoTiffWriter:
@@ -299,7 +286,8 @@ class GeoTiffWriter:
         import rasterio
 
         self.path = Path(path)
-        self._tmp = _temp_path(self.path, ".tif")
+        self._out = AtomicFile(self.path)
+        self._tmp = self._out.tmp
         profile = dict(
             driver="GTiff",
             height=height,
@@ -315,7 +303,11 @@ class GeoTiffWriter:
             profile["crs"] = crs
         if transform is not None:
             profile["transform"] = transform
-        self._ds = rasterio.open(self._tmp, "w", **profile)
+        try:
+            self._ds = rasterio.open(self._tmp, "w", **profile)
+        except BaseException:
+            self._out.abort()
+            raise
         cmap = {i: (*map(int, c), 255) for i, c in enumerate(colors)}
         cmap[nodata_value] = (0, 0, 0, 0)
         self._ds.write_colormap(1, cmap)
@@ -331,8 +323,13 @@ class GeoTiffWriter:
         self.write(y, x, ids)
 
     def close(self, ok: bool = True) -> None:
-        self._ds.close()
+        """Finish the file (``ok``) or discard it; the final name only ever holds a whole file."""
+        try:
+            self._ds.close()
+        except BaseException:
+            self._out.abort()
+            raise
         if ok:
-            os.replace(self._tmp, self.path)
-        elif self._tmp.exists():
-            self._tmp.unlink()
+            self._out.commit()
+        else:
+            self._out.abort()
