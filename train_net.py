@@ -9,12 +9,19 @@
 ``--num-gpus N`` starts N processes: one per GPU (NCCL) or, without CUDA, N CPU processes (gloo).
 After training or evaluation the per-class IoU table and mIoU are logged and a colour
 prediction of the first validation tile is written to ``OUTPUT_DIR/predictions/``.
+
+Errors follow :mod:`segclip_d2.errors`: a bad command line, config file, key, value, dataset,
+weights file or output folder is one line ``error: <file or key>: <what>; <what to do>`` and
+exit status 2, found by :func:`preflight` before anything is built or written (under
+``--num-gpus N`` once, in the launching process). ``--eval-only`` refuses a model without
+trained weights unless ``--allow-random-weights``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import torch
 from detectron2.config import get_cfg
@@ -28,6 +35,17 @@ import segclip_d2.modeling.meta_arch  # noqa: F401  (registers SegCLIP)
 from segclip_d2 import add_segclip_config, compat
 from segclip_d2.cli import add_inference_arguments, apply_inference_arguments
 from segclip_d2.engine import SegCLIPTrainer, launch, write_color_prediction
+from segclip_d2.errors import (
+    UserError,
+    check_dataset_present,
+    check_datasets,
+    check_trained_weights,
+    check_weights_file,
+    check_writable_dir,
+    contract_parser,
+    load_config,
+    run_main,
+)
 from segclip_d2.utils.checkpoint import InferenceCheckpointer
 
 logger = logging.getLogger("segclip_d2.train_net")
@@ -37,14 +55,70 @@ class Trainer(SegCLIPTrainer):
     """The project's trainer (see :mod:`segclip_d2.engine.trainer`)."""
 
 
-def setup(args):
-    """Config = defaults + SegCLIP keys + ``--config-file`` + command-line opts."""
+def build_config(args):
+    """Config = defaults + SegCLIP keys + ``--config-file`` + command-line opts (not frozen);
+    a :class:`UserError` naming the file or key when any of them is wrong."""
     cfg = get_cfg()
     add_segclip_config(cfg)
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts or [])
+    load_config(args.config_file, args.opts or [], cfg=cfg)
     apply_inference_arguments(cfg, args)  # --tta / --precision for the evaluation
+    return cfg
+
+
+def world_size_of(args) -> int:
+    """Processes the run will use: torchrun/SLURM's world size, else --num-gpus x machines."""
+    from segclip_d2.utils.dist_env import detect_launch_env
+
+    env = detect_launch_env()
+    return env.world_size if env.source != "none" else args.num_gpus * args.num_machines
+
+
+def _resumable(cfg, args) -> bool:
+    """``--resume`` will load a checkpoint of OUTPUT_DIR."""
+    return bool(args.resume) and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+
+
+def preflight(args, cfg=None):
+    """Every check that needs no model, before anything is built or written: config (file, keys,
+    values), dataset names and folders, batch size vs. world size, weights file, output folder.
+    Returns the (unfrozen) config."""
+    if args.num_gpus < 1 or args.num_machines < 1:
+        raise UserError("--num-gpus", "must be >= 1 (also --num-machines)", "e.g. --num-gpus 1")
+    cfg = build_config(args) if cfg is None else cfg
+    train = not args.eval_only
+    if train:
+        if not cfg.DATASETS.TRAIN:
+            raise UserError("DATASETS.TRAIN", "empty", "name the training split(s)")
+        check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+    elif not cfg.DATASETS.TEST:
+        raise UserError("DATASETS.TEST", "empty: --eval-only has nothing to evaluate", None)
+    check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
+    if train:
+        world, batch = world_size_of(args), cfg.SOLVER.IMS_PER_BATCH
+        if batch <= 0:
+            raise UserError("SOLVER.IMS_PER_BATCH", f"is {batch}, must be > 0", "e.g. 16")
+        if batch % world:
+            raise UserError(
+                "SOLVER.IMS_PER_BATCH",
+                f"{batch} images cannot be split evenly over {world} processes",
+                f"use a multiple of {world}, or another --num-gpus",
+            )
+        if cfg.SOLVER.MAX_ITER <= 0:
+            raise UserError("SOLVER.MAX_ITER", f"is {cfg.SOLVER.MAX_ITER}, must be > 0", None)
+    check_weights_file(cfg.MODEL.WEIGHTS)
+    if args.eval_only:
+        check_trained_weights(cfg.MODEL.WEIGHTS, args.allow_random_weights, _resumable(cfg, args))
+    check_writable_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
+    # Last: listing a split reads its folder (and generates the synthetic set on first use).
+    for key in ("DATASETS.TRAIN", "DATASETS.TEST") if train else ("DATASETS.TEST",):
+        for name in cfg.get("DATASETS")[key.split(".")[1]]:
+            check_dataset_present(name, key)
+    return cfg
+
+
+def setup(args):
+    """The checked config, frozen; logging and the config dump in OUTPUT_DIR."""
+    cfg = build_config(args)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
         device_note = "MODEL.DEVICE is cuda but CUDA is not available: using cpu"
@@ -77,6 +151,8 @@ def _write_prediction(cfg, model) -> None:
 def main(args):
     cfg = setup(args)
     if args.eval_only:
+        allow = getattr(args, "allow_random_weights", False)
+        check_trained_weights(cfg.MODEL.WEIGHTS, allow, _resumable(cfg, args))
         model = Trainer.build_model(cfg)
         # every parameter must come from the checkpoint (clear error otherwise)
         InferenceCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
@@ -100,21 +176,51 @@ def main(args):
 
 
 def build_parser():
-    parser = default_argument_parser()
+    parser = contract_parser(default_argument_parser())
     parser.set_defaults(dist_url="auto")
     add_inference_arguments(parser)
+    parser.add_argument(
+        "--allow-random-weights",
+        action="store_true",
+        help="let --eval-only evaluate a model without trained weights (meaningless scores)",
+    )
     return parser
+
+
+def _worker(args):
+    """``main`` in a launched process: a user error is printed by rank 0 only, exit 2."""
+    try:
+        return main(args)
+    except UserError as err:
+        if comm.get_rank() == 0:
+            from segclip_d2.errors import report
+
+            report(err)
+        sys.exit(2)
+
+
+def cli(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    preflight(args)
+    print("Command Line Args:", args)
+    try:
+        launch(
+            _worker,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except SystemExit as e:  # single process: _worker's exit status
+        return int(e.code or 0)
+    except Exception as e:  # a worker process ended with the user-error status: printed there
+        if getattr(e, "exit_code", None) == 2:
+            return 2
+        raise
+    return 0
 
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    args = build_parser().parse_args()
-    print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    sys.exit(run_main(cli))

@@ -8,16 +8,125 @@
   only warns when a checkpoint does not fit the model (other shapes, missing parameters) and
   leaves those parameters randomly initialised, which for inference means plausible-looking
   but meaningless predictions. This checkpointer refuses such a checkpoint and says what differs.
+* :class:`SegCLIPCheckpointer` (training, and the base of the one above): checkpoints are
+  written atomically (temp file in the same folder, fsync, rename; ``last_checkpoint`` updated
+  only after the rename, itself atomically), a truncated or corrupt file is an error naming it,
+  and ``resume`` falls back past a corrupt checkpoint to the newest intact one, saying so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
+import os
+import pickle
+import zipfile
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from segclip_d2.errors import UserError
+from segclip_d2.utils.atomic import atomic_output, remove_stale_temps
 
-class WeightsUnavailableError(RuntimeError):
+logger = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last_checkpoint"
+
+
+class CorruptCheckpointError(UserError):
+    """A checkpoint file that cannot be read (truncated by a kill, corrupt, not a checkpoint)."""
+
+
+# What torch.load raises on truncated / corrupt files (zip and legacy formats).
+_READ_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
+
+
+class SegCLIPCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` with atomic saves and a resume that survives corrupt files."""
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        os.makedirs(self.save_dir, exist_ok=True)
+        with atomic_output(save_file) as tmp:
+            torch.save(data, tmp)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        with atomic_output(os.path.join(self.save_dir, LAST_CHECKPOINT)) as tmp:
+            tmp.write_text(last_filename_basename)
+
+    def _load_file(self, filename):
+        try:
+            return super()._load_file(filename)
+        except _READ_ERRORS as e:
+            if "weights only" in str(e).lower() and "truncat" not in str(e).lower():
+                raise  # a readable file with unexpected contents: not a corrupt one
+            first = " ".join(str(e).split())[:160]
+            raise CorruptCheckpointError(
+                filename,
+                f"cannot be read as a checkpoint, it is truncated or corrupt ({first})",
+                "use another checkpoint (an interrupted save leaves the previous ones intact)",
+            ) from e
+
+    def resume_candidates(self) -> list[str]:
+        """Checkpoints of ``save_dir`` to resume from, best first: the one ``last_checkpoint``
+        names, then the other ``*.pth`` files, newest first."""
+        tagged = self.get_checkpoint_file() if self.has_checkpoint() else ""
+        others = [
+            p
+            for p in glob.glob(os.path.join(self.save_dir, "*.pth"))
+            if os.path.abspath(p) != os.path.abspath(tagged)
+        ]
+        others.sort(key=lambda p: os.path.getmtime(p), reverse=True)
+        return ([tagged] if tagged else []) + others
+
+    def resume_or_load(self, path: str, *, resume: bool = True):
+        """Resume from the newest intact checkpoint of ``save_dir`` (when ``resume`` and there
+        is one), else load ``path`` (model only). A corrupt checkpoint is skipped with a
+        warning naming it; when none is intact this is a :class:`CorruptCheckpointError`."""
+        if not (resume and self.has_checkpoint()):
+            return self.load(path, checkpointables=[])
+        with contextlib.suppress(OSError):
+            remove_stale_temps(self.save_dir)
+        bad = []
+        for cand in self.resume_candidates():
+            if not os.path.isfile(cand):
+                bad.append((cand, "missing"))
+                logger.warning(f"--resume: {cand} (named by {LAST_CHECKPOINT}) does not exist")
+                continue
+            try:
+                checkpoint = self.load(cand)
+            except CorruptCheckpointError as e:
+                bad.append((cand, e.what))
+                logger.warning(f"--resume: skipping {cand}: {e.what}")
+                continue
+            if bad:
+                logger.warning(
+                    f"--resume: resumed from {cand}, the newest intact checkpoint "
+                    f"(skipped: {', '.join(os.path.basename(b) for b, _ in bad)})"
+                )
+            else:
+                logger.info(f"--resume: resumed from {cand}")
+            return checkpoint
+        raise CorruptCheckpointError(
+            os.path.join(self.save_dir, LAST_CHECKPOINT),
+            "no intact checkpoint to resume from ("
+            + "; ".join(f"{os.path.basename(b)}: {why}" for b, why in bad)
+            + ")",
+            "delete the broken files to start from MODEL.WEIGHTS, or run without --resume",
+        )
+
+
+class WeightsUnavailableError(UserError, RuntimeError):
     """``MODEL.WEIGHTS`` names a remote file that could not be downloaded."""
 
 
@@ -35,11 +144,12 @@ def explain_weight_fetch_errors(weights: str):
         if not is_remote(weights):
             raise
         raise WeightsUnavailableError(
-            f"MODEL.WEIGHTS {weights}: could not be downloaded ({type(e).__name__}: {e}). "
-            "Without network access, copy the file to this machine and pass its local path (e.g. "
+            f"MODEL.WEIGHTS {weights}",
+            f"could not be downloaded ({type(e).__name__}: {e})",
+            "without network access, copy the file to this machine and pass its local path (e.g. "
             "`MODEL.WEIGHTS /path/to/R-50.pkl` on the train_net.py command line, or "
             "`--opts MODEL.WEIGHTS /path/to/model_final.pth` for demo/demo.py), or set "
-            'MODEL.WEIGHTS "" to start from random initialisation.'
+            'MODEL.WEIGHTS "" to start from random initialisation',
         ) from e
 
 
@@ -48,11 +158,11 @@ def _first(items: list[str], n: int, sep: str) -> str:
     return sep.join(items[:n]) + (", ..." if len(items) > n else "")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint loaded for inference does not provide every parameter of the model."""
 
 
-class InferenceCheckpointer(DetectionCheckpointer):
+class InferenceCheckpointer(SegCLIPCheckpointer):
     """``DetectionCheckpointer`` for evaluation and the demo: every parameter and buffer of the
     model must come from the checkpoint with its shape, else :class:`CheckpointMismatchError`
     names the file and the differences (extra entries in the checkpoint are only logged)."""
@@ -78,8 +188,10 @@ class InferenceCheckpointer(DetectionCheckpointer):
         if missing:
             parts.append(f"{len(missing)} missing ({_first(missing, 5, ', ')})")
         raise CheckpointMismatchError(
-            f"checkpoint {getattr(self, '_loading', '?')} does not fit the model built from this "
-            f"config: of its parameters, {' and '.join(parts)}. Use the config it was trained "
-            "with (train_net.py saves it as config.yaml next to the checkpoints); a backbone "
-            "initialisation such as R-50.pkl is for training, not for evaluation."
+            f"checkpoint {getattr(self, '_loading', '?')}",
+            f"does not fit the model built from this config: of its parameters, "
+            f"{' and '.join(parts)}",
+            "use the config it was trained with (train_net.py saves it as config.yaml next to "
+            "the checkpoints); a backbone initialisation such as R-50.pkl is for training, not "
+            "for evaluation",
         )
