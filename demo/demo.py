@@ -20,8 +20,14 @@ and one ``legend.png`` per run (class id, colour and name of the vocabulary used
 
 Large inputs are predicted in blocks of ``--block-size`` pixels with ``--block-margin`` pixels of
 context; each block goes through the configured ``SegInferencer`` (``TEST.MODE`` whole or slide,
-TTA, precision). Inputs that cannot be read are reported and skipped; the exit code is 1 when
-any input failed, 2 for a bad command line or config.
+TTA, precision). Inputs that cannot be read (missing, corrupt or truncated, bands that cannot be
+told apart) are reported and skipped; the exit code is 1 when any input failed.
+
+A bad command line, config, weights file or output folder is one line ``error: <file or key>:
+<what>; <what to do>`` and exit code 2 (:mod:`segclip_d2.errors`; ``--debug`` adds the
+traceback), found before the model is built and before anything is written. A model without
+trained weights (``MODEL.WEIGHTS`` empty) is refused unless ``--allow-random-weights``. Temp files
+left in ``--output`` by killed earlier runs are removed (never those of a running one).
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
-import os
 import signal
 import sys
 import threading
@@ -46,8 +51,9 @@ _INPUT_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeEr
 
 def get_parser() -> argparse.ArgumentParser:
     from segclip_d2.cli import add_inference_arguments
+    from segclip_d2.errors import ArgumentParser
 
-    p = argparse.ArgumentParser(description="SegCLIP demo on images and GeoTIFFs")
+    p = ArgumentParser(description="SegCLIP demo on images and GeoTIFFs")
     p.add_argument("--config-file", required=True, metavar="FILE", help="model config (YAML)")
     p.add_argument(
         "--input", nargs="+", required=True, help="image files, folders or glob patterns"
@@ -70,6 +76,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
+        "--allow-random-weights",
+        action="store_true",
+        help="run without trained weights (MODEL.WEIGHTS empty): meaningless predictions",
+    )
+    p.add_argument(
         "--opts",
         default=[],
         nargs=argparse.REMAINDER,
@@ -79,15 +90,11 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args):
-    from detectron2.config import get_cfg
-
-    from segclip_d2 import add_segclip_config
+    import segclip_d2  # noqa: F401  (registers the datasets)
     from segclip_d2.cli import apply_inference_arguments
+    from segclip_d2.errors import load_config
 
-    cfg = get_cfg()
-    add_segclip_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     apply_inference_arguments(cfg, args)
     import torch
 
@@ -132,14 +139,22 @@ def dataset_vocabulary(cfg) -> tuple[list[str], list[tuple[int, int, int]]]:
     """Class names and colours of the config's dataset (metadata from dataset_facts)."""
     from detectron2.data import MetadataCatalog
 
+    from segclip_d2.errors import UserError, check_datasets
+
     names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
     if not names:
-        raise ValueError("the config names no dataset (DATASETS.TEST / DATASETS.TRAIN)")
+        raise UserError(
+            "DATASETS.TEST",
+            "the config names no dataset, so the class names are unknown",
+            "set DATASETS.TEST to the dataset the model was trained on",
+        )
+    key = "DATASETS.TEST" if cfg.DATASETS.TEST else "DATASETS.TRAIN"
+    check_datasets(names[:1], key)
     meta = MetadataCatalog.get(names[0])
     classes = meta.get("stuff_classes", None)
     colors = meta.get("stuff_colors", None)
     if not classes or not colors:
-        raise ValueError(f"dataset {names[0]!r} is not registered or has no classes/colours")
+        raise UserError(key, f"dataset {names[0]!r} has no classes/colours", None)
     return list(classes), [tuple(int(v) for v in c) for c in colors]
 
 
@@ -151,18 +166,16 @@ def build_predictor(cfg):
     import segclip_d2.modeling  # noqa: F401  (registers the model parts)
     import segclip_d2.modeling.backbone  # noqa: F401  (CLIP ResNet backbone)
     import segclip_d2.modeling.meta_arch  # noqa: F401  (SegCLIP)
+    from segclip_d2.errors import check_weights_file
     from segclip_d2.inference import SegInferencer
     from segclip_d2.utils.checkpoint import InferenceCheckpointer
 
+    check_weights_file(cfg.MODEL.WEIGHTS, "--opts MODEL.WEIGHTS")
     model = build_model(cfg)
     model.eval()
     if cfg.MODEL.WEIGHTS:
-        if "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
-            raise FileNotFoundError(
-                f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: no such file (pass a trained checkpoint "
-                "with --opts MODEL.WEIGHTS path/to/model_final.pth)"
-            )
-        InferenceCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # clear error if it does not fit
+        # a corrupt file or one that does not fit the config is a UserError naming it
+        InferenceCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     else:
         logger.warning("MODEL.WEIGHTS is empty: the model is randomly initialised")
     inferencer = getattr(model, "inferencer", None) or SegInferencer(cfg)
@@ -221,7 +234,45 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def main(argv=None) -> int:
+def preflight(args):
+    """Every check that needs no model: command line, config, vocabulary, weights file, output
+    folder. Returns ``(cfg, classes, colors, custom classes)``; nothing is written."""
+    from segclip_d2.errors import (
+        UserError,
+        check_trained_weights,
+        check_weights_file,
+        check_writable_dir,
+    )
+    from segclip_d2.inference.io import parse_bands
+
+    try:
+        parse_bands(args.bands)
+    except ValueError as e:
+        raise UserError("--bands", str(e).removeprefix("--bands "), "e.g. --bands 3,2,1") from None
+    if args.block_size <= 0 or args.block_margin < 0 or args.preview_size <= 0:
+        raise UserError(
+            "--block-size/--block-margin/--preview-size",
+            f"got {args.block_size}/{args.block_margin}/{args.preview_size}",
+            "sizes must be > 0 and the margin >= 0",
+        )
+    cfg = setup_cfg(args)
+    classes, colors = dataset_vocabulary(cfg)
+    custom = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if custom and cfg.MODEL.SEGCLIP.CLASS_HEAD != "text":
+        raise UserError(
+            "--classes",
+            f"needs a model with the text-similarity class head (MODEL.SEGCLIP.CLASS_HEAD text); "
+            f"{args.config_file} uses {cfg.MODEL.SEGCLIP.CLASS_HEAD!r}, whose classifier is fixed "
+            f"to the {len(classes)} training classes",
+            "drop --classes or use a text-head model",
+        )
+    check_weights_file(cfg.MODEL.WEIGHTS, "--opts MODEL.WEIGHTS")
+    check_trained_weights(cfg.MODEL.WEIGHTS, args.allow_random_weights)
+    check_writable_dir(args.output, "--output")
+    return cfg, classes, colors, custom
+
+
+def _main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -229,26 +280,10 @@ def main(argv=None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
 
-    from segclip_d2.inference.io import parse_bands, write_png
+    from segclip_d2.inference.io import remove_stale_temps, write_png
     from segclip_d2.inference.visualize import draw_legend, vocabulary_colors
 
-    try:
-        parse_bands(args.bands)
-        cfg = setup_cfg(args)
-        classes, colors = dataset_vocabulary(cfg)
-        custom = [c.strip() for c in args.classes.split(",") if c.strip()]
-        if custom and cfg.MODEL.SEGCLIP.CLASS_HEAD != "text":
-            raise ValueError(
-                f"--classes needs a model with the text-similarity class head "
-                f"(MODEL.SEGCLIP.CLASS_HEAD text); {args.config_file} uses "
-                f"{cfg.MODEL.SEGCLIP.CLASS_HEAD!r}, whose classifier is fixed to the "
-                f"{len(classes)} training classes"
-            )
-        if args.block_size <= 0 or args.block_margin < 0 or args.preview_size <= 0:
-            raise ValueError("--block-size and --preview-size must be > 0, --block-margin >= 0")
-    except (ValueError, KeyError, OSError) as e:
-        logger.error("%s", e)
-        return 2
+    cfg, classes, colors, custom = preflight(args)
 
     files, missing = expand_inputs(args.input)
     failures = [(str(p), why) for p, why in missing]
@@ -257,15 +292,12 @@ def main(argv=None) -> int:
 
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        model, inferencer = build_predictor(cfg)
-        if custom:
-            model.set_vocabulary(custom)
-            colors = vocabulary_colors(custom, classes, colors)
-            classes = custom
-    except (ValueError, KeyError, OSError, RuntimeError) as e:
-        logger.error("cannot build the model: %s", e)
-        return 2
+    remove_stale_temps(out_dir)  # of killed earlier runs; a running rank's temps stay
+    model, inferencer = build_predictor(cfg)
+    if custom:
+        model.set_vocabulary(custom)
+        colors = vocabulary_colors(custom, classes, colors)
+        classes = custom
     logger.info("inference: %s", inferencer)
 
     from segclip_d2.inference.pipeline import ClassPredictor
@@ -311,6 +343,14 @@ def _run_inputs(iterator, out_dir, predictor, colors, args) -> list[tuple[str, s
             logger.error("failed: %s", msg)
             failures.append((str(path), str(e)))
     return failures
+
+
+def main(argv=None) -> int:
+    """The demo under the error contract: returns 0, 1 (some inputs failed) or 2 (user error,
+    one line on stderr)."""
+    from segclip_d2.errors import run_main
+
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

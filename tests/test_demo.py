@@ -67,11 +67,12 @@ def blank_png(folder: Path, size: int) -> Path:
 
 
 def run_demo(demo, folder: Path, image: Path, *extra: str, head: str = "linear") -> int:
-    """demo.main on ``image`` with the tiny ``head`` config, outputs in ``folder / "out"``."""
+    """demo.main on ``image`` with the tiny ``head`` config, outputs in ``folder / "out"``
+    (random weights allowed: the tiny model is never trained)."""
     config = str(write_config(folder, head))
-    return demo.main(
-        ["--config-file", config, "--input", str(image), "--output", str(folder / "out"), *extra]
-    )
+    out = str(folder / "out")
+    argv = ["--config-file", config, "--input", str(image), "--output", out, *extra]
+    return demo.main(argv[:6] + ["--allow-random-weights"] + argv[6:])
 
 
 def write_geotiff(path: Path, height=100, width=90, nodata_rows=10):
@@ -141,6 +142,7 @@ def demo_run(tmp_path_factory, request):
                 "--output",
                 str(out),
                 "--no-progress",
+                "--allow-random-weights",
                 "--block-size",
                 "64",
                 "--block-margin",
@@ -208,12 +210,12 @@ def test_demo_reports_bad_inputs_and_processes_the_others(demo_run):
     assert (out / "tile_pred.png").is_file() and (out / "scene_pred.tif").is_file()
 
 
-def test_demo_classes_needs_the_text_head(tmp_path, caplog):
+def test_demo_classes_needs_the_text_head(tmp_path, capsys):
     demo = load_demo()
-    with caplog.at_level(logging.ERROR):
-        code = run_demo(demo, tmp_path, blank_png(tmp_path, 32), "--classes", "road,water")
+    code = run_demo(demo, tmp_path, blank_png(tmp_path, 32), "--classes", "road,water")
     assert code == 2
-    assert "CLASS_HEAD text" in caplog.text and "linear" in caplog.text
+    err = capsys.readouterr().err
+    assert "error: --classes:" in err and "CLASS_HEAD text" in err and "linear" in err
 
 
 def test_demo_custom_vocabulary_with_text_head_tta_and_bf16(tmp_path, caplog):
@@ -236,6 +238,7 @@ def test_demo_custom_vocabulary_with_text_head_tta_and_bf16(tmp_path, caplog):
             "--precision",
             "bf16",
             "--no-progress",
+            "--allow-random-weights",
             "--opts",
             "TEST.TTA.ROTATIONS",
             "[]",
@@ -269,16 +272,16 @@ def test_expand_inputs_folders_globs_and_missing(tmp_path):
     assert [m[0] for m in missing] == [str(tmp_path / "nope.png"), str(tmp_path / "*.jp2")]
 
 
-def test_demo_unreachable_remote_weights_give_one_clear_error(tmp_path, caplog):
+def test_demo_unreachable_remote_weights_give_one_clear_error(tmp_path, capsys):
     """A remote MODEL.WEIGHTS that cannot be fetched (here: a refused local port, as offline)
     fails at once with an error naming the file and the ways out; nothing is written."""
     demo = load_demo()
     url = "http://127.0.0.1:9/segclip_test_weights.pth"
-    with caplog.at_level(logging.ERROR):
-        code = run_demo(demo, tmp_path, blank_png(tmp_path, 32), "--opts", "MODEL.WEIGHTS", url)
-    assert code != 0
-    assert f"MODEL.WEIGHTS {url}: could not be downloaded" in caplog.text
-    assert 'MODEL.WEIGHTS ""' in caplog.text and "local path" in caplog.text
+    code = run_demo(demo, tmp_path, blank_png(tmp_path, 32), "--opts", "MODEL.WEIGHTS", url)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"error: MODEL.WEIGHTS {url}: could not be downloaded" in err
+    assert 'MODEL.WEIGHTS ""' in err and "local path" in err
     assert not any((tmp_path / "out").glob("*_pred.png"))
 
 
@@ -296,7 +299,7 @@ def test_weight_error_explanation_leaves_local_and_other_errors_alone():
             raise ConnectionResetError("reset")
 
 
-def test_demo_rejects_a_checkpoint_that_does_not_fit_the_config(tmp_path, caplog):
+def test_demo_rejects_a_checkpoint_that_does_not_fit_the_config(tmp_path, capsys):
     """Weights trained with another config (here: the linear class head, loaded into a model
     with the text head) are refused with the file and the differing parameters named, instead
     of running with the unmatched parameters left random."""
@@ -320,11 +323,11 @@ def test_demo_rejects_a_checkpoint_that_does_not_fit_the_config(tmp_path, caplog
     torch.save({"model": model.state_dict()}, ckpt)
     img = blank_png(tmp_path, 64)
     weights = ("--opts", "MODEL.WEIGHTS", str(ckpt))
-    with caplog.at_level(logging.ERROR):
-        bad = run_demo(demo, tmp_path, img, *weights, head="text")
-    assert bad != 0
-    assert f"checkpoint {ckpt} does not fit the model" in caplog.text
-    assert "class_head" in caplog.text
+    bad = run_demo(demo, tmp_path, img, *weights, head="text")
+    assert bad == 2
+    err = capsys.readouterr().err
+    assert f"error: checkpoint {ckpt}: does not fit the model" in err
+    assert "class_head" in err
     assert not any((tmp_path / "out").glob("*_pred.png"))
     # the config it was trained with loads it
     good = run_demo(demo, tmp_path, img, *weights, head="linear")
