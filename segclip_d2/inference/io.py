@@ -8,10 +8,16 @@ Two sources share one interface (``height``, ``width``, ``read(y, x, h, w)``):
 
 Band handling (both sources):
 
-- 3 bands -> used as RGB; 4 bands with an alpha band (RGBA) -> RGB, alpha 0 = no-data;
-  rasters whose bands are tagged red/green/blue use those.
-- 1 band (grayscale) -> replicated to 3 channels with a warning (the model was trained on RGB).
-- any other band count -> an error asking for ``bands=(r, g, b)`` (1-based, ``--bands 3,2,1``).
+- band meaning comes from the colour interpretation (GeoTIFF tags; for PNG/JPEG/WebP the format's
+  channel layout): bands tagged red/green/blue are used as RGB; alpha is taken only from a band
+  tagged alpha (0 = no-data), or from the raster's mask/nodata;
+- 3 untagged bands -> used as RGB in order; 1 band (grayscale) -> replicated to 3 channels with
+  a warning (the model was trained on RGB);
+- more than 3 bands without RGB tags (e.g. NIR,R,G,B) -> an error asking for ``--bands R,G,B``
+  (1-based, ``bands=(r, g, b)`` from Python), never a guess;
+- a file whose decoder reports truncation or an error (JPEG, PNG, WebP, BMP through PIL; TIFF
+  through GDAL, whose own error text is in the message) is an :class:`InputError`: OpenCV alone
+  would fill a truncated JPEG with grey.
 - 8-bit data is used as is. Any other data type (16-bit, 32-bit, float) is stretched per band
   from its 2nd..98th percentile to 0..255; the percentiles are computed once per raster (from a
   decimated read for GeoTIFFs, excluding no-data) so every window uses the same stretch.
@@ -19,6 +25,7 @@ Band handling (both sources):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -80,30 +87,90 @@ def apply_stretch(band: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def _choose_bands(
-    path: str, count: int, bands: Sequence[int] | None, rgb_tags: Sequence[int] | None = None
+    path: str, count: int, bands: Sequence[int] | None, interp: Sequence[str]
 ) -> tuple[tuple[int, ...], int | None]:
-    """Pick (RGB band numbers, alpha band number or None) for a raster with ``count`` bands."""
+    """Pick (RGB band numbers, alpha band number or None) for a raster with ``count`` bands
+    whose colour interpretations are ``interp`` ("red", "green", "blue", "alpha", "gray",
+    "undefined", ...; one per band). Band meaning comes only from these tags: an untagged
+    band is never taken for alpha, and more than 3 bands without RGB tags are refused."""
+    alpha = interp.index("alpha") + 1 if "alpha" in interp else None
     if bands is not None:
         bad = [b for b in bands if b > count]
         if bad:
             raise InputError(f"{path}: --bands {list(bands)} but the image has {count} band(s)")
+        alpha = alpha if alpha not in bands else None
         if len(bands) == 1:
             logger.warning("%s: band %d replicated to 3 grey channels", path, bands[0])
-            return (bands[0],) * 3, None
-        return tuple(bands), None
-    if rgb_tags is not None:
-        return tuple(rgb_tags), None
-    if count == 3:
-        return (1, 2, 3), None
-    if count == 4:
-        return (1, 2, 3), 4
-    if count == 1:
+            return (bands[0],) * 3, alpha
+        return tuple(bands), alpha
+    if all(c in interp for c in ("red", "green", "blue")):
+        return tuple(interp.index(c) + 1 for c in ("red", "green", "blue")), alpha
+    data = [i + 1 for i, c in enumerate(interp) if c != "alpha"]
+    if len(data) == 3 and count == 3:  # three untagged bands: the usual RGB order
+        return tuple(data), None
+    if len(data) == 3 and alpha is not None:
+        logger.info("%s: bands %s untagged, used as R,G,B (band %d is alpha)", path, data, alpha)
+        return tuple(data), alpha
+    if len(data) == 1:
         logger.warning("%s: single-band (grayscale) image replicated to 3 channels", path)
-        return (1, 1, 1), None
+        return (data[0],) * 3, alpha
+    tags = ", ".join(f"{i + 1}={c}" for i, c in enumerate(interp))
     raise InputError(
-        f"{path}: {count} bands and no way to tell which are red, green and blue; choose three "
-        "with --bands R,G,B (1-based, e.g. --bands 3,2,1)"
+        f"{path}: {count} bands ({tags}) and no colour tags telling which are red, green and "
+        "blue; choose three with --bands R,G,B (1-based, e.g. --bands 3,2,1 for B,G,R,NIR "
+        "or --bands 2,3,4 for NIR,R,G,B)"
     )
+
+
+def _format_interp(count: int) -> list[str]:
+    """Band meaning of an ordinary image file by channel count (fixed by the formats: PNG,
+    WebP, JPEG, BMP store gray, gray+alpha, RGB or RGBA)."""
+    return {
+        1: ["gray"],
+        2: ["gray", "alpha"],
+        3: ["red", "green", "blue"],
+        4: ["red", "green", "blue", "alpha"],
+    }.get(count, ["undefined"] * count)
+
+
+def verify_decodes(path: str) -> None:
+    """Decode ``path`` fully with PIL, which reports truncation and decoder errors (OpenCV's
+    decoders only print "Premature end of JPEG file" and fill the rest with grey). JPEGs are
+    decoded at 1/8 scale (the whole entropy-coded stream is still read). Formats PIL does not
+    know are left to OpenCV."""
+    from PIL import Image, ImageFile, UnidentifiedImageError
+
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+    ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = False, None
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except UnidentifiedImageError:
+        return
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise InputError(
+            f"{path}: the image decoder failed ({' '.join(str(e).split())}); the file is "
+            "truncated or corrupt"
+        ) from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = previous
+
+
+def gdal_reason(err: BaseException) -> str:
+    """GDAL's own error text behind a rasterio exception (rasterio's message is often only
+    "Read failed. See previous exception for details."): the innermost GDAL message."""
+    texts = []
+    seen = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = " ".join(str(e).split())
+        if text and "see previous exception" not in text.lower():
+            texts.append(text)
+        e = e.__cause__ or e.__context__
+    return texts[-1] if texts else type(err).__name__
 
 
 class ArraySource:
@@ -121,13 +188,14 @@ class ArraySource:
         raw = cv2.imread(self.path, cv2.IMREAD_UNCHANGED)
         if raw is None or raw.size == 0:
             raise InputError(f"{self.path}: cannot be decoded (corrupt file or unsupported format)")
+        verify_decodes(self.path)
         if raw.ndim == 2:
             raw = raw[:, :, None]
         count = raw.shape[2]
         # OpenCV decodes colour as BGR(A); make band 1 red like every other reader.
         if count in (3, 4):
             raw = raw[:, :, [2, 1, 0] + ([3] if count == 4 else [])]
-        rgb_bands, alpha_band = _choose_bands(self.path, count, bands)
+        rgb_bands, alpha_band = _choose_bands(self.path, count, bands, _format_interp(count))
         valid = np.ones(raw.shape[:2], dtype=bool)
         if alpha_band is not None:
             valid = raw[:, :, alpha_band - 1] > 0
@@ -162,7 +230,7 @@ class GeoTiffSource:
 
     def __init__(self, path: str | Path, bands: Sequence[int] | None = None):
         import rasterio
-        from rasterio.enums import ColorInterp, MaskFlags
+        from rasterio.enums import MaskFlags
 
         self.path = str(path)
         if not os.path.isfile(self.path):
@@ -170,27 +238,24 @@ class GeoTiffSource:
         try:
             self._ds = rasterio.open(self.path)
         except rasterio.errors.RasterioError as e:
-            raise InputError(f"{self.path}: cannot be opened as a raster ({e})") from None
+            raise InputError(
+                f"{self.path}: cannot be opened as a raster ({gdal_reason(e)})"
+            ) from None
         ds = self._ds
         try:
-            ci = list(ds.colorinterp)
-            rgb_tags = None
-            if all(c in ci for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
-                rgb_tags = tuple(
-                    ci.index(c) + 1 for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
-                )
-            self.bands, alpha = _choose_bands(self.path, ds.count, bands, rgb_tags)
-            if alpha is None and ColorInterp.alpha in ci:
-                alpha = ci.index(ColorInterp.alpha) + 1
-            self.alpha_band = alpha
+            interp = [c.name for c in ds.colorinterp]
+            self.bands, self.alpha_band = _choose_bands(self.path, ds.count, bands, interp)
             self.height, self.width = ds.height, ds.width
             self.crs, self.transform, self.nodata = ds.crs, ds.transform, ds.nodata
             dtypes = {ds.dtypes[b - 1] for b in self.bands}
             if any(np.dtype(d).kind == "c" for d in dtypes):
                 raise InputError(f"{self.path}: complex-valued rasters are not supported")
-            # Whether any used band has a real mask (nodata value, alpha or internal mask).
-            self._masked = self.alpha_band is not None or any(
-                MaskFlags.all_valid not in ds.mask_flag_enums[b - 1] for b in self.bands
+            # No-data from the used bands' masks (nodata value or internal mask). Masks GDAL
+            # derives from an alpha band are left out: alpha is read explicitly, and only when
+            # the band tagged alpha is not used as a colour (--bands).
+            flags = [ds.mask_flag_enums[b - 1] for b in sorted(set(self.bands))]
+            self._masked = all(
+                MaskFlags.all_valid not in f and MaskFlags.alpha not in f for f in flags
             )
             self._limits: dict[int, tuple[float, float]] = {}
             for b in sorted(set(self.bands)):
@@ -212,7 +277,8 @@ class GeoTiffSource:
         ds = self._ds
         step = max(1.0, (ds.height * ds.width / _STRETCH_SAMPLE_PIXELS) ** 0.5)
         shape = (max(1, int(ds.height / step)), max(1, int(ds.width / step)))
-        data = ds.read(band, out_shape=shape, masked=True)
+        with self._read_errors():
+            data = ds.read(band, out_shape=shape, masked=True)
         valid = ~np.ma.getmaskarray(data)
         return stretch_limits(np.ma.getdata(data), valid)
 
@@ -224,8 +290,25 @@ class GeoTiffSource:
         """
         from rasterio.windows import Window
 
+        with self._read_errors():
+            return self._read(Window(x, y, w, h))
+
+    @contextlib.contextmanager
+    def _read_errors(self):
+        """A failed read (truncated or corrupt file) is an :class:`InputError` carrying GDAL's
+        own error text."""
+        import rasterio
+
+        try:
+            yield
+        except rasterio.errors.RasterioError as e:
+            raise InputError(
+                f"{self.path}: read failed ({gdal_reason(e)}); the file is truncated or corrupt"
+            ) from None
+
+    def _read(self, win) -> tuple[np.ndarray, np.ndarray]:
         ds = self._ds
-        win = Window(x, y, w, h)
+        h, w = int(win.height), int(win.width)
         uniq = sorted(set(self.bands))
         data = ds.read(uniq, window=win)  # (n, h, w)
         chans = []
@@ -239,8 +322,8 @@ class GeoTiffSource:
         if self._masked:
             masks = ds.read_masks(uniq, window=win)  # (n, h, w) 0 = no-data
             valid = (masks > 0).any(axis=0)
-            if self.alpha_band is not None:
-                valid &= ds.read(self.alpha_band, window=win) > 0
+        if self.alpha_band is not None:
+            valid &= ds.read(self.alpha_band, window=win) > 0
         for b in uniq:
             if np.dtype(ds.dtypes[b - 1]).kind == "f":
                 valid &= np.isfinite(data[uniq.index(b)])
