@@ -115,7 +115,7 @@ def test_distributed_sums_every_process(monkeypatch):
     b = RemoteSensingSemSegEvaluator("synthetic_aerial_val", distributed=True)
     a.add(np.zeros((2, 2), np.int64), np.zeros((2, 2), np.int64))
     b.add(np.ones((2, 2), np.int64), np.zeros((2, 2), np.int64))
-    monkeypatch.setattr(comm, "all_gather", lambda data: [data, (b.confusion, 1)])
+    monkeypatch.setattr(comm, "all_gather", lambda data: [data, (b.confusion, b.missed, 1)])
     res = a.evaluate()["sem_seg"]
     assert res["OA"] == pytest.approx(50.0)
     assert res["IoU-building"] == 0.0 and res["IoU-background"] == pytest.approx(50.0)

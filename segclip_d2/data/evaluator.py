@@ -10,6 +10,11 @@ percent, under the key ``"sem_seg"``:
 * ``OA``: overall pixel accuracy, sum(TP) / valid pixels;
 * ``fwIoU``: IoU weighted by each class's ground-truth pixel frequency.
 
+A prediction of ``NO_PREDICTION`` (255, the demo's value for pixels it could not predict, e.g.
+the input's no-data) counts as wrong wherever the ground truth is valid: a false negative of the
+true class that no class gains as a false positive. Their number is reported
+(``no_prediction_pixels``).
+
 A class absent from both the ground truth and the predictions has no IoU/F1 (NaN); it is left
 out of the means (``nanmean``), so a class that never occurs neither helps nor hurts. A class
 absent from the ground truth but predicted gets IoU = F1 = 0. ``Acc-<class>`` is NaN whenever the
@@ -29,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,9 +46,13 @@ from detectron2.utils import comm
 from PIL import Image
 from tabulate import tabulate
 
+from ..utils.atomic import atomic_output
 from .dataset_facts import IGNORE_LABEL
 
 logger = logging.getLogger(__name__)
+
+# A predicted value meaning "no prediction here" (demo/demo.py's no-data value).
+NO_PREDICTION = 255
 
 
 # --------------------------------------------------------------------------- metrics
@@ -70,8 +78,24 @@ def confusion_matrix(
     )
 
 
-def segmentation_metrics(conf: np.ndarray, class_names: Sequence[str]) -> OrderedDict:
+def missed_pixels(
+    gt: np.ndarray,
+    pred: np.ndarray,
+    num_classes: int,
+    ignore_label: int = IGNORE_LABEL,
+    no_prediction: int = NO_PREDICTION,
+) -> np.ndarray:
+    """``(K,)`` int64: per ground-truth class, the valid pixels predicted as ``no_prediction``."""
+    gt = gt.astype(np.int64).ravel()
+    miss = (pred.ravel() == no_prediction) & (gt != ignore_label)
+    return np.bincount(gt[miss], minlength=num_classes)[:num_classes]
+
+
+def segmentation_metrics(
+    conf: np.ndarray, class_names: Sequence[str], missed: np.ndarray | None = None
+) -> OrderedDict:
     """Metrics (percent) from a ``(K, K)`` confusion matrix; see the module docstring.
+    ``missed`` (K,): valid pixels of each class left without a prediction (false negatives).
 
     Returns an ordered dict with ``mIoU, mF1, OA, fwIoU, mAcc`` then ``IoU-<c>``, ``F1-<c>``,
     ``Acc-<c>`` for every class; undefined per-class values are NaN.
@@ -80,10 +104,11 @@ def segmentation_metrics(conf: np.ndarray, class_names: Sequence[str]) -> Ordere
     k = conf.shape[0]
     if conf.shape != (k, k) or len(class_names) != k:
         raise ValueError(f"confusion matrix {conf.shape} does not match {len(class_names)} classes")
+    missed = np.zeros(k) if missed is None else np.asarray(missed, dtype=np.float64)
     tp = np.diag(conf)
-    gt_count = conf.sum(axis=1)  # TP + FN
+    gt_count = conf.sum(axis=1) + missed  # TP + FN
     pred_count = conf.sum(axis=0)  # TP + FP
-    total = conf.sum()
+    total = conf.sum() + missed.sum()
     with np.errstate(divide="ignore", invalid="ignore"):
         union = gt_count + pred_count - tp
         iou = np.where(union > 0, tp / union, np.nan)
@@ -101,6 +126,7 @@ def segmentation_metrics(conf: np.ndarray, class_names: Sequence[str]) -> Ordere
     res["OA"] = 100 * float(tp.sum() / total) if total > 0 else float("nan")
     res["fwIoU"] = 100 * float(np.sum(freq[present] * iou[present])) if total > 0 else float("nan")
     res["mAcc"] = 100 * nanmean(acc)
+    res["no_prediction_pixels"] = int(missed.sum())
     for name, v in zip(class_names, iou):
         res[f"IoU-{name}"] = 100 * float(v)
     for name, v in zip(class_names, f1):
@@ -120,15 +146,15 @@ def metrics_json(res: dict, class_names: Sequence[str], **extra) -> dict:
     out = {key: clean(res[key]) for key in ("mIoU", "mF1", "OA", "fwIoU", "mAcc")}
     for metric in ("IoU", "F1", "Acc"):
         out[metric] = {c: clean(res[f"{metric}-{c}"]) for c in class_names}
+    out["no_prediction_pixels"] = int(res.get("no_prediction_pixels", 0))
     out["unit"] = "percent"
     out.update(extra)
     return out
 
 
 def _atomic_save(path: Path, writer) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    writer(tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        writer(tmp)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -205,6 +231,7 @@ class RemoteSensingSemSegEvaluator(DatasetEvaluator):
 
     def reset(self):
         self._conf = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+        self._missed = np.zeros(self.num_classes, dtype=np.int64)
         self._num_images = 0
 
     @property
@@ -212,14 +239,25 @@ class RemoteSensingSemSegEvaluator(DatasetEvaluator):
         """This process's ``(K, K)`` confusion matrix so far (rows = ground truth)."""
         return self._conf
 
+    @property
+    def missed(self) -> np.ndarray:
+        """This process's ``(K,)`` count of valid pixels predicted as ``NO_PREDICTION``."""
+        return self._missed
+
     def add(self, gt: np.ndarray, pred: np.ndarray, source: str = "<prediction>") -> None:
-        """Accumulate one image: ``gt`` (H, W) train ids (ignore allowed), ``pred`` (H, W) ids."""
+        """Accumulate one image: ``gt`` (H, W) train ids (ignore allowed), ``pred`` (H, W) ids,
+        ``NO_PREDICTION`` allowed (counted wrong where ``gt`` is valid)."""
         if gt.shape != pred.shape:
             raise ValueError(
                 f"{source}: prediction is {pred.shape[1]}x{pred.shape[0]} (WxH) but the ground "
                 f"truth is {gt.shape[1]}x{gt.shape[0]}"
             )
         try:
+            none = pred == NO_PREDICTION
+            if none.any():
+                self._missed += missed_pixels(gt, pred, self.num_classes, self.ignore_label)
+                gt = np.where(none, self.ignore_label, gt)
+                pred = np.where(none, 0, pred)
             self._conf += confusion_matrix(gt, pred, self.num_classes, self.ignore_label)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from e
@@ -251,18 +289,19 @@ class RemoteSensingSemSegEvaluator(DatasetEvaluator):
             self.add(gt, pred, source)
 
     def evaluate(self):
-        conf, num_images = self._conf, self._num_images
+        conf, missed, num_images = self._conf, self._missed, self._num_images
         if self.distributed:
             comm.synchronize()
-            gathered = comm.all_gather((self._conf, self._num_images))
+            gathered = comm.all_gather((self._conf, self._missed, self._num_images))
             if not comm.is_main_process():
                 return None
-            conf = np.sum([c for c, _ in gathered], axis=0)
-            num_images = sum(n for _, n in gathered)
+            conf = np.sum([c for c, _, _ in gathered], axis=0)
+            missed = np.sum([m for _, m, _ in gathered], axis=0)
+            num_images = sum(n for _, _, n in gathered)
         if num_images == 0:
             logger.warning(f"[{self.dataset_name}] evaluator received no images")
             return None
-        res = segmentation_metrics(conf, self.class_names)
+        res = segmentation_metrics(conf, self.class_names, missed)
         self._log_table(res, conf)
         if self.output_dir:
             out = Path(self.output_dir)
@@ -293,6 +332,11 @@ class RemoteSensingSemSegEvaluator(DatasetEvaluator):
         ]
         table = tabulate(rows, headers=["class", "IoU", "F1", "Acc", "GT px %"], tablefmt="github")
         summary = ", ".join(f"{k} {res[k]:.2f}" for k in ("mIoU", "mF1", "OA", "fwIoU", "mAcc"))
+        if res.get("no_prediction_pixels"):
+            summary += (
+                f"; {res['no_prediction_pixels']} labelled pixels had no prediction "
+                f"({NO_PREDICTION}), counted wrong"
+            )
         logger.info(f"[{self.dataset_name}] per-class results (%):\n{table}\n{summary}")
 
 
