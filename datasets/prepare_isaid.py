@@ -40,6 +40,7 @@ from segclip_d2.data.prepare_utils import (  # noqa: E402
     Source,
     SplitWriter,
     base_parser,
+    check_dst,
     format_summary,
     iter_patches,
     load_pair,
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         raise PrepareError("--patch-size and --stride must be positive")
     if not args.src.is_dir():
         raise PrepareError(f"{args.src}: iSAID source folder not found")
+    check_dst(args.dst)
     facts = get_facts("isaid")
     # Verify the whole layout before writing anything.
     all_sources = {split: find_sources(args.src, split) for split in args.splits}

@@ -53,6 +53,7 @@ from segclip_d2.data.prepare_utils import (  # noqa: E402
     Source,
     SplitWriter,
     base_parser,
+    check_dst,
     file_digest,
     format_summary,
     load_pair,
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     facts = get_facts("loveda")
     src: Path = args.src
+    check_dst(args.dst)
     if args.download:
         overrides = {}
         for item in args.expected_md5:

@@ -26,10 +26,11 @@ from segclip_d2.data.synthetic import (  # noqa: E402
     class_histogram,
     ensure_synthetic_aerial,
 )
+from segclip_d2.errors import ArgumentParser, UserError, check_writable_dir, run_main  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--dst", required=True, type=Path, help="datasets root (DETECTRON2_DATASETS)"
     )
@@ -55,9 +56,10 @@ def summarize(out: Path) -> str:
     return f"{out}: {tiles} tiles\n" + "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    check_writable_dir(args.dst, "--dst")
     start = time.perf_counter()
     try:
         out = ensure_synthetic_aerial(
@@ -69,11 +71,15 @@ def main(argv=None) -> int:
             force=args.force,
         )
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(f"--dst {args.dst}", " ".join(str(e).split())) from e
     print(f"ready in {time.perf_counter() - start:.1f} s")
     print(summarize(out))
     return 0
+
+
+def main(argv=None) -> int:
+    """Under the error contract: 0, or 2 with one line ``error: ...`` on stderr."""
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

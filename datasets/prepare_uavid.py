@@ -41,6 +41,7 @@ from segclip_d2.data.prepare_utils import (  # noqa: E402
     Source,
     SplitWriter,
     base_parser,
+    check_dst,
     format_summary,
     iter_patches,
     load_pair,
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         raise PrepareError("--patch-size and --stride must be positive")
     if not args.src.is_dir():
         raise PrepareError(f"{args.src}: UAVid source folder not found")
+    check_dst(args.dst)
     splits = args.splits or [s for s in SPLITS if (args.src / f"uavid_{s}").is_dir()]
     if not splits:
         raise PrepareError(f"{args.src}: no uavid_train/, uavid_val/ or uavid_test/ folder found")

@@ -8,8 +8,11 @@ A preparation script turns an official release, as extracted, into the layout re
 
 Guarantees kept here:
 
-* every output file is written atomically (a temporary file in the same folder, then
-  ``os.replace``), so a crash never leaves a half-written PNG under its final name;
+* every output file is written atomically (a temporary file in the same folder tagged with the
+  writer's host and pid, fsynced, then renamed: :func:`segclip_d2.utils.atomic.atomic_output`),
+  so a crash never leaves a half-written PNG under its final name; a rerun removes the temps of
+  killed runs (never those of a preparation still running); files get mode 0666 minus the umask
+  (0644 under umask 022), so a prepared dataset can be shared;
 * each source image gets a done marker (``<split>/.progress/<source id>.json``) after all its
   outputs are written, so a rerun skips finished sources;
 * the split's ``manifest.json`` is deleted when work on the split starts and written only after
@@ -17,7 +20,8 @@ Guarantees kept here:
   split without it);
 * bad input (an image without its mask, mismatched sizes, label values outside the encoding, an
   unreadable/truncated PNG, an empty split) raises :class:`PrepareError` naming the file, or with
-  ``--skip-bad`` is skipped with a warning and counted in the summary.
+  ``--skip-bad`` is skipped with a warning and counted in the summary. A :class:`PrepareError`
+  is a :class:`segclip_d2.errors.UserError`: one line ``error: ...`` and exit code 2.
 """
 
 from __future__ import annotations
@@ -26,10 +30,7 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import shutil
-import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ from PIL import Image
 from tabulate import tabulate
 from tqdm import tqdm
 
+from ..errors import ArgumentParser, UserError, check_writable_dir, run_main
+from ..utils.atomic import atomic_output, remove_stale_temps
 from .dataset_facts import IGNORE_LABEL, DatasetFacts
 from .register import MANIFEST_NAME
 
@@ -48,8 +51,13 @@ PROGRESS_DIR = ".progress"
 MANIFEST_VERSION = 1
 
 
-class PrepareError(RuntimeError):
-    """Bad input or an inconsistent output folder; the message names the file and the problem."""
+class PrepareError(UserError, RuntimeError):
+    """Bad input or an inconsistent output folder; the message (``"<file>: <problem>"``) names
+    the file and the problem."""
+
+    def __init__(self, message: str, fix: str | None = None):
+        where, sep, what = str(message).partition(": ")
+        super().__init__(where if sep else "", what if sep else message, fix)
 
 
 # --------------------------------------------------------------------------- reading
@@ -106,47 +114,26 @@ def check_same_size(image: np.ndarray, label: np.ndarray, image_path: Path, labe
 
 
 # --------------------------------------------------------------------------- atomic writing
-def _temp_in(folder: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    return Path(tmp)
-
-
 def atomic_write_png(path: Path, array: np.ndarray) -> None:
     """Write a uint8 ``(H, W)`` or ``(H, W, 3)`` array as PNG via a temporary file."""
     if array.dtype != np.uint8:
         raise TypeError(f"{path}: expected uint8, got {array.dtype}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_in(path.parent, path.name)
-    try:
+    with atomic_output(path) as tmp:
         Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
-    """Copy a file via a temporary file in the destination folder."""
+    """Copy a file's bytes (not its mode) via a temporary file in the destination folder."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_in(dst.parent, dst.name)
-    try:
+    with atomic_output(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def atomic_write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_in(path.parent, path.name)
-    try:
+    with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def file_digest(path: Path, algorithm: str = "md5", chunk: int = 1 << 20) -> str:
@@ -254,6 +241,7 @@ class SplitWriter:
         self.options = dict(options)
         if overwrite and self.dir.exists():
             shutil.rmtree(self.dir)
+        remove_stale_temps(self.dir, recursive=True)  # of killed runs; running ones' stay
         self.progress = self.dir / PROGRESS_DIR
         self.progress.mkdir(parents=True, exist_ok=True)
         (self.dir / "images").mkdir(exist_ok=True)
@@ -477,7 +465,7 @@ def format_summary(facts: DatasetFacts, summaries: Sequence[SplitSummary]) -> st
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     p.add_argument("--src", type=Path, required=True, help="official release, as extracted")
     p.add_argument(
         "--dst", type=Path, required=True, help="output root; use it as DETECTRON2_DATASETS"
@@ -491,11 +479,13 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def check_dst(dst: Path) -> None:
+    """``--dst`` is a folder that can be written (or created); checked before any work."""
+    check_writable_dir(dst, "--dst")
+
+
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run ``main`` turning :class:`PrepareError` into a one-line error and exit code 2."""
+    """Run ``main`` under the error contract (:func:`segclip_d2.errors.run_main`): a
+    :class:`PrepareError` or other user error is one line ``error: ...`` and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return main(argv)
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(main, argv)
