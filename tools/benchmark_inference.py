@@ -98,11 +98,10 @@ def load_model(config: str, opts: list[str]):
     cfg.freeze()
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    if cfg.MODEL.WEIGHTS and os.path.isfile(cfg.MODEL.WEIGHTS):
+    if cfg.MODEL.WEIGHTS:  # main() checked it is a local file (or that random was allowed)
         from segclip_d2.utils.checkpoint import InferenceCheckpointer
 
         InferenceCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # a trained local checkpoint
-    # else random init (URLs such as the ImageNet backbone are not fetched)
     return cfg, model, SegInferencer(cfg)
 
 
@@ -496,6 +495,7 @@ def mode_geotiff_scaling(args) -> None:
             "--output",
             str(out),
             "--no-progress",
+            *(["--allow-random-weights"] if args.allow_random_weights else []),
             "--block-size",
             str(args.block_size),
             "--block-margin",
@@ -522,8 +522,21 @@ def mode_geotiff_scaling(args) -> None:
     print(f"(wall time includes model build; outputs in {tmp})")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def weights_of(opts: list[str]) -> str:
+    """The last ``MODEL.WEIGHTS`` value of an override list ("" when not given)."""
+    pairs = dict(zip(opts[::2], opts[1::2]))
+    return str(pairs.get("MODEL.WEIGHTS", ""))
+
+
+def _main(argv=None) -> int:
+    from segclip_d2.errors import (
+        ArgumentParser,
+        UserError,
+        check_trained_weights,
+        check_weights_file,
+    )
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--table", action="store_true", help="latency/memory table + FLOPs")
     p.add_argument("--targets", action="store_true", help="R50 1024 speed/agreement targets")
     p.add_argument(
@@ -542,6 +555,12 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=512, help=argparse.SUPPRESS)
     p.add_argument("--save", default="", help=argparse.SUPPRESS)
     p.add_argument("--_case", default="", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--allow-random-weights",
+        action="store_true",
+        help="measure a randomly initialised model (speed is the same; agreement figures are "
+        "then meaningless) when --opts gives no MODEL.WEIGHTS",
+    )
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[])
     args = p.parse_args(argv)
     cases = {"forward": case_forward, "tiles": case_tiles, "flops": case_flops}
@@ -550,6 +569,17 @@ def main(argv=None) -> int:
         return 0
     if not (args.table or args.targets or args.ab or args.geotiff_scaling):
         p.error("choose --table, --targets, --ab and/or --geotiff-scaling")
+    if len(args.opts) % 2:
+        raise UserError("--opts", "odd number of items: each KEY needs a VALUE", None)
+    weights = weights_of(args.opts)
+    if "://" in weights:
+        raise UserError(
+            f"--opts MODEL.WEIGHTS {weights}",
+            "remote weights are not fetched here",
+            "download the checkpoint and pass its local path",
+        )
+    check_weights_file(weights, "--opts MODEL.WEIGHTS")
+    check_trained_weights(weights, args.allow_random_weights)
     if args.table:
         args.sizes = args.sizes or [512, 1024, 2048]
         mode_table(argparse.Namespace(**{**vars(args), "config": args.config or str(SMALL_CONFIG)}))
@@ -562,6 +592,12 @@ def main(argv=None) -> int:
         args.config = args.config or str(SMALL_CONFIG)
         mode_geotiff_scaling(args)
     return 0
+
+
+def main(argv=None) -> int:
+    from segclip_d2.errors import run_main
+
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

@@ -98,15 +98,19 @@ def worker(size: int, mode: str, impl: str, repeats: int, threads: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    from segclip_d2.errors import ArgumentParser, UserError
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--worker", nargs=3, metavar=("SIZE", "MODE", "IMPL"), help=argparse.SUPPRESS
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1 or min(args.sizes) < 32:
+        raise UserError("--repeats/--threads/--sizes", "must be >= 1 (sizes >= 32)", None)
 
     if args.worker:
         size, mode, impl = args.worker
@@ -116,8 +120,10 @@ def main() -> None:
     from segclip_d2.layers.ms_deform_attn import extension_available
 
     if not extension_available():
-        sys.exit(
-            "segclip_d2._C is not built: run `.venv/bin/pip install --no-build-isolation -e .`"
+        raise UserError(
+            "segclip_d2._C",
+            "the compiled op is not built",
+            "run `.venv/bin/pip install --no-build-isolation -e .`",
         )
     root = Path(__file__).resolve().parents[1]
     rows = []
@@ -155,4 +161,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from segclip_d2.errors import run_main
+
+    sys.exit(run_main(main))
