@@ -21,6 +21,7 @@ import glob
 import logging
 import os
 import pickle
+import re
 import zipfile
 
 import torch
@@ -39,7 +40,23 @@ class CorruptCheckpointError(UserError):
 
 
 # What torch.load raises on truncated / corrupt files (zip and legacy formats).
-_READ_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
+_READ_ERRORS = (
+    RuntimeError,
+    EOFError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    ValueError,
+    OSError,  # torch's zip reader: "[Errno 22] Invalid argument" on some truncations
+)
+
+
+def _zip_intact(path: str) -> bool:
+    """Whether ``path`` is a complete zip archive (torch's checkpoint format)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return False
 
 
 class SegCLIPCheckpointer(DetectionCheckpointer):
@@ -68,9 +85,19 @@ class SegCLIPCheckpointer(DetectionCheckpointer):
         try:
             return super()._load_file(filename)
         except _READ_ERRORS as e:
-            if "weights only" in str(e).lower() and "truncat" not in str(e).lower():
-                raise  # a readable file with unexpected contents: not a corrupt one
+            if isinstance(e, OSError) and not os.path.isfile(filename):
+                raise
             first = " ".join(str(e).split())[:160]
+            if "weights only" in first.lower():  # torch's advice (weights_only=False) misleads
+                m = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", first)
+                first = m.group(1).strip() if m else "unreadable pickle data"
+            intact_zip = filename.endswith(".pth") and _zip_intact(filename)
+            if intact_zip and "weights only" in str(e).lower():
+                raise CorruptCheckpointError(
+                    filename,
+                    "holds objects that torch.load refuses to unpickle safely (weights_only)",
+                    "save checkpoints with train_net.py (tensors and plain values only)",
+                ) from e
             raise CorruptCheckpointError(
                 filename,
                 f"cannot be read as a checkpoint, it is truncated or corrupt ({first})",
