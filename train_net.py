@@ -110,7 +110,8 @@ def preflight(args, cfg=None):
         check_trained_weights(cfg.MODEL.WEIGHTS, args.allow_random_weights, _resumable(cfg, args))
     check_writable_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
     # Last: listing a split reads its folder (and generates the synthetic set on first use).
-    for key in ("DATASETS.TRAIN", "DATASETS.TEST") if train else ("DATASETS.TEST",):
+    # TEST first: a missing prepared split is reported before the synthetic set is generated.
+    for key in ("DATASETS.TEST", "DATASETS.TRAIN") if train else ("DATASETS.TEST",):
         for name in cfg.get("DATASETS")[key.split(".")[1]]:
             check_dataset_present(name, key)
     return cfg

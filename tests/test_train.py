@@ -258,5 +258,7 @@ def test_train_net_eval_flags_set_tta_and_precision(tmp_path):
     args = train_net.build_parser().parse_args(argv + ["--tta", "--precision", "bf16"] + opts)
     cfg = train_net.setup(args)
     assert cfg.TEST.TTA.ENABLED is True and cfg.TEST.PRECISION == "bf16"
-    with pytest.raises(SystemExit):  # argparse names the allowed values
+    from segclip_d2.errors import UserError
+
+    with pytest.raises(UserError, match="--precision.*int8"):  # names the allowed values
         train_net.build_parser().parse_args(argv + ["--precision", "int8"])
