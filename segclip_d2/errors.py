@@ -300,6 +300,20 @@ def check_weights_file(weights: str, key: str = "MODEL.WEIGHTS") -> None:
         raise UserError(f"{key} {weights}", "is a folder", "pass the checkpoint file in it")
     if os.path.getsize(path) == 0:
         raise UserError(f"{key} {weights}", "is empty (0 bytes)", "copy the checkpoint again")
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch's checkpoint format is a zip archive
+    if zipped:
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as zf:
+                zf.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise UserError(
+                path,
+                f"cannot be read as a checkpoint, it is truncated or corrupt ({e})",
+                "copy it again or use another checkpoint",
+            ) from None
 
 
 RANDOM_WEIGHTS_FIX = (

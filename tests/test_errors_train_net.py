@@ -49,6 +49,12 @@ def _corrupt_weights(tmp: Path) -> str:
     return str(tmp / "model_final.pth")
 
 
+def _corrupt_pickle(tmp: Path) -> str:
+    """Weights that only a full load finds corrupt (a cut pickle: no cheap pre-check)."""
+    (tmp / "R-50.pkl").write_bytes(b"\x80\x04\x95 cut")
+    return str(tmp / "R-50.pkl")
+
+
 C = ["--config-file", CONFIG]
 # (id, argv given tmp -> list, texts the one-line message must contain)
 CASES = [
@@ -150,7 +156,7 @@ def test_script_one_line_and_traceback_only_with_debug(tmp_path, capsys):
     plain = _subprocess(argv)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     assert plain.stderr.strip().splitlines()[-1].startswith("error: SOLVER.IMS_PER_BATCH:")
-    assert run_main(train_net.cli, argv + ["--debug"]) == 2
+    assert run_main(train_net.cli, C + ["--debug"] + argv[2:]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: SOLVER")
     assert not (tmp_path / "o").exists()
@@ -159,8 +165,8 @@ def test_script_one_line_and_traceback_only_with_debug(tmp_path, capsys):
 @pytest.mark.slow
 def test_worker_user_error_printed_once_under_two_processes(tmp_path):
     """A corrupt MODEL.WEIGHTS is found when the workers load it: rank 0 prints the one line,
-    the launcher exits 2, no traceback."""
-    weights = _corrupt_weights(tmp_path)
+    the launcher exits 2, no traceback, no empty metrics.json."""
+    weights = _corrupt_pickle(tmp_path)
     argv = C + ["--num-gpus", "2", "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path / "o")]
     argv += ["SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0"]
     env = {

@@ -17,7 +17,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, TrainerBase, hooks
 from detectron2.utils import comm
-from detectron2.utils.events import CommonMetricPrinter, JSONWriter
+from detectron2.utils.events import CommonMetricPrinter
 from detectron2.utils.logger import setup_logger
 
 from .. import compat
@@ -25,6 +25,7 @@ from ..data.dataset_facts import get_facts
 from ..data.evaluator import build_evaluator as build_segclip_evaluator
 from ..data.mapper import build_test_mapper, build_train_mapper
 from ..utils.checkpoint import SegCLIPCheckpointer, explain_weight_fetch_errors
+from ..utils.events import LazyJSONWriter
 from .data import ResumableTrainLoader, build_train_loader
 from .hooks import BestCheckpointer
 from .lr_scheduler import build_lr_scheduler
@@ -131,7 +132,7 @@ class SegCLIPTrainer(DefaultTrainer):
     def build_writers(self):
         writers = [
             CommonMetricPrinter(self.max_iter),
-            JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
+            LazyJSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
         ]
         if has_tensorboard():
             from detectron2.utils.events import TensorboardXWriter
