@@ -1,0 +1,142 @@
+"""datasets/prepare_*.py under the error contract (one table row per case), shareable file
+modes, and the cleanup of temps left by killed runs."""
+
+import importlib.util
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segclip_d2.utils.atomic import temp_name
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "datasets" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SCRIPTS = {n: _script(f"prepare_{n}") for n in ("loveda", "isaid", "uavid", "synthetic")}
+
+
+def _loveda_src(root: Path, truncate: bool = False) -> Path:
+    rng = np.random.default_rng(0)
+    for domain in ("Urban", "Rural"):
+        for sub, arr in (
+            ("images_png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)),
+            ("masks_png", rng.integers(0, 8, (16, 16)).astype(np.uint8)),
+        ):
+            p = root / "Val" / domain / sub / f"{domain.lower()}1.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(p)
+    if truncate:
+        p = root / "Val" / "Urban" / "images_png" / "urban1.png"
+        p.write_bytes(p.read_bytes()[:60])
+    return root
+
+
+def _file(t: Path) -> Path:
+    (t / "taken").write_text("x")
+    return t / "taken"
+
+
+# (id, script, argv given tmp, texts the one-line message must contain)
+CASES = [
+    ("loveda-no-src-arg", "loveda", lambda t: ["--dst", str(t / "d")], ["command line", "--src"]),
+    (
+        "loveda-missing-src",
+        "loveda",
+        lambda t: ["--src", str(t / "nope"), "--dst", str(t / "d")],
+        ["nope", "LoveDA source folder not found"],
+    ),
+    (
+        "loveda-dst-is-a-file",
+        "loveda",
+        lambda t: ["--src", str(_loveda_src(t / "raw")), "--dst", str(_file(t))],
+        ["--dst", "not a folder"],
+    ),
+    (
+        "loveda-truncated-png",
+        "loveda",
+        lambda t: ["--src", str(_loveda_src(t / "raw", truncate=True)), "--dst", str(t / "d")],
+        ["urban1.png", "truncated"],
+    ),
+    (
+        "isaid-missing-src",
+        "isaid",
+        lambda t: ["--src", str(t / "nope"), "--dst", str(t / "d")],
+        ["nope", "iSAID source folder not found"],
+    ),
+    (
+        "isaid-bad-patch",
+        "isaid",
+        lambda t: ["--src", str(t), "--dst", str(t / "d"), "--patch-size", "0"],
+        ["--patch-size"],
+    ),
+    (
+        "uavid-missing-src",
+        "uavid",
+        lambda t: ["--src", str(t / "nope"), "--dst", str(t / "d")],
+        ["nope", "UAVid source folder not found"],
+    ),
+    ("synthetic-bad-arg", "synthetic", lambda t: ["--dst"], ["command line", "--dst"]),
+    (
+        "synthetic-dst-is-a-file",
+        "synthetic",
+        lambda t: ["--dst", str(_file(t))],
+        ["--dst", "not a folder"],
+    ),
+]
+
+
+@pytest.mark.parametrize("case,script,argv,texts", CASES, ids=[c[0] for c in CASES])
+def test_user_error_is_one_line_exit_2(tmp_path, capsys, case, script, argv, texts):
+    # what `python datasets/prepare_<name>.py ARGS` runs (main raises, the script reports)
+    mod = SCRIPTS[script]
+    runner = getattr(mod, "run_cli", None)
+    rc = runner(mod.main, argv(tmp_path)) if runner else mod.main(argv(tmp_path))
+    assert rc == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, err
+    for text in texts:
+        assert text in lines[0], (text, lines[0])
+    assert "Traceback" not in err
+    split = tmp_path / "d" / "loveda" / "val"
+    assert not (split / "manifest.json").exists(), "an interrupted split never looks complete"
+
+
+def test_prepared_files_follow_the_umask_and_dead_temps_are_cleaned(tmp_path):
+    src = _loveda_src(tmp_path / "raw")
+    dst = tmp_path / "d"
+    old = os.umask(0o022)
+    try:
+        assert SCRIPTS["loveda"].main(["--src", str(src), "--dst", str(dst)]) == 0
+    finally:
+        os.umask(old)
+    split = dst / "loveda" / "val"
+    files = [p for p in split.rglob("*") if p.is_file()]
+    assert split / "manifest.json" in files and len(files) >= 5
+    assert {p.stat().st_mode & 0o777 for p in files} == {0o644}
+    # a killed run's temp (its writer is gone) is removed by the rerun; a live writer's stays
+    live = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    temps = {}
+    for name, proc in (("live", live), ("dead", dead)):
+        tmp = temp_name(split / "images" / f"{name}.png")
+        tmp = tmp.with_name(tmp.name.replace(f"-{os.getpid()}-", f"-{proc.pid}-"))
+        tmp.write_bytes(b"partial")
+        temps[name] = tmp
+    try:
+        assert SCRIPTS["loveda"].main(["--src", str(src), "--dst", str(dst)]) == 0
+        assert temps["live"].exists() and not temps["dead"].exists()
+    finally:
+        live.kill()
+        live.wait()
