@@ -202,7 +202,14 @@ def _worker(args):
 
 def cli(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    preflight(args)
+    try:
+        preflight(args)
+    except UserError:
+        from segclip_d2.utils.dist_env import detect_launch_env
+
+        if detect_launch_env().rank != 0:  # torchrun / srun start every rank: rank 0 reports
+            return 2
+        raise
     print("Command Line Args:", args)
     try:
         launch(

@@ -108,3 +108,18 @@ def test_loading_a_corrupt_file_names_it(tmp_path):
         ck.load(str(bad))
     assert info.value.where == str(bad) and "truncated or corrupt" in info.value.what
     assert "weights_only" not in info.value.line()
+
+
+def test_first_save_removes_a_killed_saves_temp(tmp_path):
+    import subprocess
+
+    from segclip_d2.utils.atomic import temp_name
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tmp = temp_name(tmp_path / "model_0000150.pth")
+    tmp = tmp.with_name(tmp.name.replace(f"-{os.getpid()}-", f"-{dead.pid}-"))
+    tmp.write_bytes(b"PK half a checkpoint")
+    ck, _, _ = _checkpointer(tmp_path)
+    ck.save("model_0000150", iteration=150)
+    assert not tmp.exists() and (tmp_path / "model_0000150.pth").is_file()

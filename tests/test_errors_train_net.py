@@ -206,3 +206,15 @@ def test_eval_only_corrupt_weights_named_and_allow_random_runs(tmp_path, monkeyp
     argv = C + ["--eval-only", "--allow-random-weights", "OUTPUT_DIR", str(out)] + tiny
     assert run_main(train_net.cli, argv) == 0
     assert (out / "predictions").is_dir()
+
+
+def test_under_torchrun_only_rank_0_reports(tmp_path, monkeypatch, capsys):
+    import train_net
+
+    argv = C + ["SOLVER.IMS_PER_BATCH", "0", "OUTPUT_DIR", str(tmp_path / "o")]
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert run_main(train_net.cli, argv) == 2
+        assert ("error: SOLVER.IMS_PER_BATCH" in capsys.readouterr().err) is printed

@@ -73,6 +73,9 @@ class SegCLIPCheckpointer(DetectionCheckpointer):
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
         os.makedirs(self.save_dir, exist_ok=True)
+        if not getattr(self, "_cleaned", False):  # temps of a run killed while saving
+            remove_stale_temps(self.save_dir)
+            self._cleaned = True
         with atomic_output(save_file) as tmp:
             torch.save(data, tmp)
         self.tag_last_checkpoint(basename)
