@@ -8,6 +8,9 @@ def add_segclip_config(cfg):
     """Add SegCLIP's keys to a detectron2 config (in place)."""
     # ------------------------------------------------------------------ model
     cfg.MODEL.SEGCLIP = CN()
+    # Registered transformer decoder: "SegCLIPTransformerDecoder" (text queries, CFF, GTG) or
+    # "Mask2FormerTransformerDecoder" (learnable queries: the "no text queries" baseline).
+    cfg.MODEL.SEGCLIP.TRANSFORMER_DECODER_NAME = "SegCLIPTransformerDecoder"
     # Number of text queries N (K class slots + N-K blank slots).
     cfg.MODEL.SEGCLIP.NUM_QUERIES = 100
     # Transformer decoder width C.

@@ -102,6 +102,10 @@ def load_model(config: str, opts: list[str]):
         from segclip_d2.utils.checkpoint import InferenceCheckpointer
 
         InferenceCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # a trained local checkpoint
+    if os.environ.get("SEGCLIP_PLAIN_MODEL", "0") in ("", "0"):
+        from segclip_d2.inference.optimize import optimize_for_inference
+
+        optimize_for_inference(model, cfg.MODEL.DEVICE, cfg.TEST.PRECISION)
     return cfg, model, SegInferencer(cfg)
 
 

@@ -24,6 +24,7 @@ from .. import compat
 from ..data.dataset_facts import get_facts
 from ..data.evaluator import build_evaluator as build_segclip_evaluator
 from ..data.mapper import build_test_mapper, build_train_mapper
+from ..inference.optimize import inference_copy
 from ..utils.checkpoint import SegCLIPCheckpointer, explain_weight_fetch_errors
 from ..utils.events import LazyJSONWriter
 from .data import ResumableTrainLoader, build_train_loader
@@ -120,6 +121,15 @@ class SegCLIPTrainer(DefaultTrainer):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_segclip_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate an inference-optimised copy of ``model``
+        (:func:`~segclip_d2.inference.optimize.optimize_for_inference`), so that periodic
+        evaluation leaves the training model plain; a model already optimised (``train_net
+        --eval-only``) is evaluated as it is."""
+        device = next(model.parameters()).device
+        return super().test(cfg, inference_copy(model, device, cfg.TEST.PRECISION), evaluators)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
