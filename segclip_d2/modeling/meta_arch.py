@@ -119,7 +119,7 @@ class SegCLIP(nn.Module):
             )
         backbone = build_backbone(cfg)
         pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
-        text_encoder = _build(FrozenCLIPTextEncoder, cfg)
+        text_encoder = FrozenCLIPTextEncoder(cfg)
         predictor = build_transformer_decoder(
             cfg,
             in_channels=cfg.MODEL.SEGCLIP.PIXEL_DECODER.CONVS_DIM,
@@ -132,7 +132,7 @@ class SegCLIP(nn.Module):
             "predictor": predictor,
             "criterion": build_criterion(cfg, len(class_names)),
             "text_encoder": text_encoder,
-            "inferencer": _build(SegInferencer, cfg),
+            "inferencer": SegInferencer(cfg),
             "class_names": class_names,
             "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
             "pixel_std": list(cfg.MODEL.PIXEL_STD),
@@ -330,10 +330,3 @@ class SegCLIP(nn.Module):
             padded[:, :h, :w] = masks.bool()
             targets.append({"labels": labels, "masks": padded})
         return targets
-
-
-def _build(cls, cfg):
-    """Build a ``@configurable`` class from cfg; also accepts a ``from_config`` that returns an
-    instance instead of kwargs."""
-    built = cls.from_config(cfg)
-    return cls(**built) if isinstance(built, dict) else built
