@@ -280,3 +280,13 @@ def test_mask_logits_equals_einsum_for_every_layout(layout):
     got = mask_logits(emb, feats)
     assert got.shape == (2, 5, 9, 7)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_text_class_head_loads_checkpoints_with_the_old_projection_name():
+    torch.manual_seed(0)
+    head = TextClassHead(C, D)
+    old = {k.replace("class_embed_proj.", "text_proj."): v for k, v in head.state_dict().items()}
+    assert "text_proj.weight" in old
+    fresh = TextClassHead(C, D)
+    fresh.load_state_dict(old)  # strict: every key mapped, none missing
+    torch.testing.assert_close(fresh.class_embed_proj.weight, head.class_embed_proj.weight)
