@@ -11,9 +11,10 @@ def add_inference_arguments(parser) -> None:
     )
     parser.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16"),
+        choices=("auto", "fp32", "bf16", "fp16"),
         default=None,
-        help="inference precision (sets TEST.PRECISION); fp16 on a CPU runs bf16",
+        help="inference precision (sets TEST.PRECISION, default auto: bf16 where the CPU or GPU "
+        "computes it natively, fp16 on older GPUs, else fp32); fp16 on a CPU runs bf16",
     )
 
 

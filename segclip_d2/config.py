@@ -136,6 +136,9 @@ def add_segclip_config(cfg):
     cfg.SOLVER.POLY_LR_POWER = 0.9
     # Metric that decides the best checkpoint (model_best.pth); "" disables the hook.
     cfg.SOLVER.BEST_CHECKPOINT_METRIC = "sem_seg/mIoU"
+    # AMP autocast dtype when SOLVER.AMP.ENABLED: "auto" (fp16 on CUDA, bf16 on CPUs with native
+    # bf16, else fp32), "float16" (with a GradScaler, also on CPU) or "bfloat16".
+    cfg.SOLVER.AMP.DTYPE = "auto"
 
     # ------------------------------------------------------------------ test
     # Inference mode: "whole" image or "slide" window.
@@ -156,8 +159,9 @@ def add_segclip_config(cfg):
     cfg.TEST.TTA.ROTATIONS = [90, 180, 270]
     # Extra scales (1.0 is always included).
     cfg.TEST.TTA.SCALES = [1.0]
-    # Inference precision: "fp32", "bf16" or "fp16".
-    cfg.TEST.PRECISION = "fp32"
+    # Inference precision: "auto" (bf16 where native, fp16 on older GPUs, else fp32), "fp32",
+    # "bf16" or "fp16".
+    cfg.TEST.PRECISION = "auto"
     # Only write predictions in the benchmark's submission format (no metrics).
     cfg.TEST.FORMAT_ONLY = False
     return cfg

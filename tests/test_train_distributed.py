@@ -91,7 +91,7 @@ def _normalizer_worker(out_dir):
 
     rank = comm.get_rank()
     num_targets = 1 if rank == 0 else 5
-    crit = SetCriterion(7, HungarianMatcher(num_points=16), eos_coef=0.1, num_points=16)
+    crit = SetCriterion(7, HungarianMatcher(num_points=16), no_object_weight=0.1, num_points=16)
     outputs = {"pred_logits": torch.zeros(1, 6, 8), "pred_masks": torch.zeros(1, 6, 4, 4)}
     targets = [
         {

@@ -2,7 +2,7 @@
 
 Compared to ``DefaultTrainer`` it builds: the project's mappers and evaluator, a seeded and
 resumable training loader, AdamW with backbone/norm/embedding parameter groups, the poly LR
-schedule, full-model gradient clipping, AMP on CPU (bf16) or CUDA (fp16), DDP for CPU processes,
+schedule, full-model gradient clipping, AMP (``SOLVER.AMP.DTYPE``), DDP for CPU processes,
 a best-checkpoint hook, and writers that need no tensorboard.
 """
 
@@ -24,8 +24,10 @@ from .. import compat
 from ..data.dataset_facts import get_facts
 from ..data.evaluator import build_evaluator as build_segclip_evaluator
 from ..data.mapper import build_test_mapper, build_train_mapper
+from ..errors import UserError
 from ..utils.checkpoint import SegCLIPCheckpointer, explain_weight_fetch_errors
 from ..utils.events import LazyJSONWriter
+from ..utils.hardware import EMULATED_BF16_SLOWDOWN, native_bf16_reason
 from .data import ResumableTrainLoader, build_train_loader
 from .hooks import BestCheckpointer
 from .lr_scheduler import build_lr_scheduler
@@ -35,14 +37,76 @@ from .train_loop import SegCLIPTrainLoop
 logger = logging.getLogger(__name__)
 
 
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def amp_dtype_for(cfg, device_type: str) -> torch.dtype | None:
-    """``SOLVER.AMP.ENABLED``: fp16 on CUDA, bf16 on CPU (logged), None when disabled."""
+    """The autocast dtype of ``SOLVER.AMP`` on ``device_type``, or None for fp32 (logged).
+
+    ``DTYPE auto``: fp16 on CUDA; on CPU bf16 where the CPU computes it natively, else fp32 (a
+    CPU without AVX512-BF16/AMX emulates bf16 many times slower than fp32). An explicit
+    ``bfloat16`` on such a CPU trains, with a warning; ``float16`` on CPU is CPU fp16 autocast
+    with a GradScaler, the CUDA AMP path run where there is no GPU.
+    """
     if not cfg.SOLVER.AMP.ENABLED:
         return None
+    name = str(cfg.SOLVER.AMP.DTYPE).lower()
+    if name != "auto" and name not in AMP_DTYPES:
+        raise UserError(
+            "SOLVER.AMP.DTYPE",
+            f"unknown value {cfg.SOLVER.AMP.DTYPE!r}",
+            "use auto, float16 or bfloat16",
+        )
     if device_type == "cuda":
-        return torch.float16
-    logger.info("SOLVER.AMP.ENABLED on CPU: training with bf16 autocast (no fp16 on CPU)")
-    return torch.bfloat16
+        return torch.float16 if name == "auto" else AMP_DTYPES[name]
+    native, why = native_bf16_reason()
+    if name == "auto":
+        if native:
+            logger.info(f"SOLVER.AMP.DTYPE auto on CPU: bf16 autocast (native bf16: {why})")
+            return torch.bfloat16
+        logger.info(
+            f"SOLVER.AMP.DTYPE auto on CPU: training in fp32 (no native bf16: {why}; emulated "
+            f"bf16 would be about {EMULATED_BF16_SLOWDOWN}x slower)"
+        )
+        return None
+    if name == "bfloat16" and not native:
+        logger.warning(
+            f"SOLVER.AMP.DTYPE bfloat16 on a CPU without native bf16 ({why}): expect training "
+            f"to be about {EMULATED_BF16_SLOWDOWN}x slower than fp32; DTYPE auto trains in fp32 "
+            "here"
+        )
+    if name == "float16":
+        logger.info("SOLVER.AMP.DTYPE float16 on CPU: CPU fp16 autocast with a GradScaler")
+    return AMP_DTYPES[name]
+
+
+def freeze_disabled_modules(cfg, model: torch.nn.Module) -> list[str]:
+    """Freeze the trainable parameters of modules the config switches off; returns their names.
+
+    With ``MODEL.SEGCLIP.CFF_ENABLED False`` a model that still builds the CFF module never uses
+    it: DDP (created without ``find_unused_parameters``, which costs a graph walk every step)
+    would fail on the second iteration waiting for its gradients. Frozen, DDP and the optimizer
+    leave them out. A model that does not build the module has nothing to freeze.
+    """
+    disabled = []
+    if not cfg.MODEL.SEGCLIP.CFF_ENABLED:
+        disabled.append("cff")
+    names, modules = [], []
+    for mod_name, module in model.named_modules():
+        if mod_name.split(".")[-1] not in disabled:
+            continue
+        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        for p_name, p in params:
+            p.requires_grad_(False)
+            names.append(f"{mod_name}.{p_name}")
+        if params:
+            modules.append(mod_name)
+    if names:
+        logger.info(
+            f"Switched off by the config, frozen (not trained, no DDP gradient): {len(names)} "
+            f"parameters of {', '.join(modules)}"
+        )
+    return names
 
 
 def has_tensorboard() -> bool:
@@ -63,6 +127,7 @@ class SegCLIPTrainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
         model = self.build_model(cfg)
+        freeze_disabled_modules(cfg, model)  # DDP: no unused trainable parameter
         optimizer = self.build_optimizer(cfg, model)
         self._train_loader = ResumableTrainLoader(
             lambda start_iter: self.build_train_loader(cfg, start_iter)
