@@ -1,7 +1,7 @@
 """Measure training seconds per iteration of a config (wall clock and process CPU time).
 
     python -m segclip_d2.engine.benchmark --config-file configs/synthetic/segclip_cpu.yaml \
-        --iters 10 [--amp fp32 auto bfloat16 auto@emulated] [KEY VALUE ...]
+        --iters 10 [--amp fp32,auto,bfloat16,auto@emulated] [KEY VALUE ...]
 
 Runs ``--iters`` training steps (after ``--warmup`` untimed ones) with evaluation and
 checkpointing off, and prints the median and mean s/iter. CPU time counts all threads of the
@@ -89,7 +89,9 @@ def main(argv=None):
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--amp", nargs="+", default=None, help="precisions to compare (doc)")
+    parser.add_argument(
+        "--amp", default=None, help="comma-separated precisions to compare, e.g. fp32,auto (doc)"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     cfg = add_segclip_config(get_cfg())
@@ -97,8 +99,12 @@ def main(argv=None):
     cfg.merge_from_list(args.opts)
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
+    variants = args.amp.split(",") if args.amp else [None]
+    for variant in variants:
+        if variant is not None:
+            _variant_opts(variant)  # every name checked before the first run
     results = []
-    for variant in args.amp or [None]:
+    for variant in variants:
         run_cfg = cfg.clone()
         env_before = os.environ.get(NATIVE_BF16_ENV)
         label = "config"
