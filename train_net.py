@@ -146,7 +146,10 @@ def _summarise(cfg, results) -> None:
 def _write_prediction(cfg, model) -> None:
     if comm.is_main_process() and len(cfg.DATASETS.TEST):
         path = write_color_prediction(cfg, model, cfg.DATASETS.TEST[0])
-        logger.info(f"Colour prediction of the first tile of {cfg.DATASETS.TEST[0]}: {path}")
+        logger.info(
+            f"Prediction of the first tile of {cfg.DATASETS.TEST[0]} (image | ground truth | "
+            f"prediction): {path}"
+        )
 
 
 def main(args):

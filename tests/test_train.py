@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -239,6 +240,10 @@ def test_train_net_main_end_to_end(tiny_synthetic, tmp_path):
         )
     )
     assert (out / "predictions" / "val_0000_color.png").is_file()
+    panel = cv2.imread(str(out / "predictions" / "val_0000_panel.png"))
+    assert panel.shape[1] > 3 * 64 and panel.shape[0] > 64  # 3 tiles of 64 px + legend
+    assert (out / "curves.png").stat().st_size > 1000
+    assert list(out.glob("events.out.tfevents.*")), "TensorBoard events are written by default"
 
     args = train_net.build_parser().parse_args(
         argv + ["--eval-only"] + common + ["MODEL.WEIGHTS", str(out / "model_best.pth")]

@@ -258,6 +258,13 @@ def install_offline(python: str, wheels: Path, target: Path | None = None, packa
 
 
 # ---------------------------------------------------------------------- GPU presence
+def nvidia_device_present() -> bool:
+    """An NVIDIA driver exposes a GPU (device node or /proc entry): checked before torch is
+    imported, so a machine without a GPU is told so at once."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return any(Path("/dev").glob("nvidia[0-9]*")) or (gpus.is_dir() and any(gpus.iterdir()))
+
+
 def probe_gpus(python: str) -> tuple[int, str]:
     """(number of CUDA GPUs the interpreter sees, a description)."""
     code = (
@@ -558,7 +565,10 @@ def main(argv=None) -> int:
         download_wheels(args.download_wheels, args.python_version, args.platform, packages)
         return 0
     python = os.environ.get("PYTHON", "python3")
-    num_gpus, desc = probe_gpus(python)
+    if nvidia_device_present():
+        num_gpus, desc = probe_gpus(python)
+    else:
+        num_gpus, desc = 0, "no NVIDIA device in /dev or /proc/driver/nvidia"
     if num_gpus == 0 and args.install_target is None:
         print(
             f"gpu_acceptance: no CUDA GPU visible to {python} ({desc}). This check needs a "

@@ -17,7 +17,6 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, TrainerBase, hooks
 from detectron2.utils import comm
-from detectron2.utils.events import CommonMetricPrinter
 from detectron2.utils.logger import setup_logger
 
 from .. import compat
@@ -32,6 +31,7 @@ from .data import ResumableTrainLoader, build_train_loader
 from .hooks import BestCheckpointer
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_gradient_clipper, build_optimizer
+from .report import CurvesWriter, TrainingLogPrinter, compose_panel
 from .train_loop import SegCLIPTrainLoop
 
 logger = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class SegCLIPTrainer(DefaultTrainer):
 
     def build_writers(self):
         writers = [
-            CommonMetricPrinter(self.max_iter),
+            TrainingLogPrinter(self.max_iter),
             LazyJSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
         ]
         if has_tensorboard():
@@ -224,6 +224,9 @@ class SegCLIPTrainer(DefaultTrainer):
                     )
                 )
         if comm.is_main_process():
+            ret.append(
+                CurvesWriter(cfg.OUTPUT_DIR, cfg.TEST.EVAL_PERIOD if len(cfg.DATASETS.TEST) else 0)
+            )
             ret.append(hooks.PeriodicWriter(self.build_writers(), period=20))
         return ret
 
@@ -234,8 +237,9 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def write_color_prediction(cfg, model: torch.nn.Module, dataset_name: str, index: int = 0):
-    """Predict tile ``index`` of ``dataset_name`` and write ``<OUTPUT_DIR>/predictions/
-    <stem>_color.png`` (colours from the dataset facts). Returns the path."""
+    """Predict tile ``index`` of ``dataset_name`` and write, in ``<OUTPUT_DIR>/predictions/``,
+    ``<stem>_color.png`` (the prediction in the dataset's colours) and ``<stem>_panel.png``
+    (image | ground truth | prediction with a legend). Returns the panel's path."""
     import cv2
 
     dicts = DatasetCatalog.get(dataset_name)
@@ -252,13 +256,24 @@ def write_color_prediction(cfg, model: torch.nn.Module, dataset_name: str, index
         model.train(was_training)
     pred = probs.argmax(0).to(torch.uint8).cpu().numpy()  # (H, W)
     meta = MetadataCatalog.get(dataset_name)
-    colors = get_facts(meta.dataset_key).colorize(pred)  # (H, W, 3) RGB
+    facts = get_facts(meta.dataset_key)
     out_dir = os.path.join(cfg.OUTPUT_DIR, "predictions")
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
-    path = os.path.join(out_dir, f"{stem}_color.png")
-    tmp = path + ".tmp.png"
-    if not cv2.imwrite(tmp, np.ascontiguousarray(colors[:, :, ::-1])):
-        raise OSError(f"could not write {tmp}")
-    os.replace(tmp, path)
+    image = inputs["image"].permute(1, 2, 0).cpu().numpy()  # (H, W, 3) RGB
+    gt = inputs["sem_seg"].cpu().numpy() if "sem_seg" in inputs else None
+    if image.shape[:2] != pred.shape:  # the model predicts at the original size
+        image = cv2.resize(image, pred.shape[::-1], interpolation=cv2.INTER_LINEAR)
+        if gt is not None:
+            gt = cv2.resize(gt.astype(np.uint8), pred.shape[::-1], interpolation=cv2.INTER_NEAREST)
+    outputs = {
+        "color": facts.colorize(pred),  # (H, W, 3) RGB
+        "panel": compose_panel(image, gt, pred, facts),
+    }
+    for kind, rgb in outputs.items():
+        path = os.path.join(out_dir, f"{stem}_{kind}.png")
+        tmp = path + ".tmp.png"
+        if not cv2.imwrite(tmp, np.ascontiguousarray(rgb[:, :, ::-1])):
+            raise OSError(f"could not write {tmp}")
+        os.replace(tmp, path)
     return path
