@@ -91,7 +91,7 @@ WHEEL_PACKAGES = REQUIREMENTS + [
     "pyparsing",
     "python-dateutil",
     "six",
-    "antlr4-python3-runtime",
+    "antlr4-python3-runtime==4.9.3",  # omegaconf 2.x / hydra-core 1.3 need 4.9.*
     "typing_extensions",
     "filelock",
     "fsspec",
@@ -99,6 +99,10 @@ WHEEL_PACKAGES = REQUIREMENTS + [
 ]
 # Published only as sdists (pure Python): downloaded as sdists and built into wheels.
 SDIST_ONLY = {"fvcore", "iopath", "antlr4-python3-runtime"}
+
+
+def _name(spec: str) -> str:
+    return re.split(r"[<>=!~ ;]", spec, maxsplit=1)[0].lower()
 OPTIONAL_LEFT_OUT = {
     "rasterio": "GeoTIFF reading/writing of the demo (about 20 MB of GDAL): skipped",
     "tensorboard": "event files (training writes metrics.json and curves.png without it)",
@@ -194,8 +198,8 @@ def download_wheels(dest: Path, python_version: str, platforms, packages=None) -
 
     dest.mkdir(parents=True, exist_ok=True)
     wanted = packages if packages is not None else WHEEL_PACKAGES
-    binary = [p for p in wanted if p not in SDIST_ONLY]
-    sdists = [p for p in wanted if p in SDIST_ONLY]
+    binary = [p for p in wanted if _name(p) not in SDIST_ONLY]
+    sdists = [p for p in wanted if _name(p) in SDIST_ONLY]
     py = sys.executable
     abi = "cp" + python_version.replace(".", "")
     if binary:
