@@ -92,11 +92,7 @@ WHEEL_PACKAGES = REQUIREMENTS + [
     "python-dateutil",
     "six",
     "antlr4-python3-runtime==4.9.3",  # omegaconf 2.x / hydra-core 1.3 need 4.9.*
-    "typing_extensions",
-    "filelock",
-    "fsspec",
-    "pillow",
-]
+]  # pillow (torchvision's), filelock, fsspec and typing_extensions (torch's) are there already
 # Published only as sdists (pure Python): downloaded as sdists and built into wheels.
 SDIST_ONLY = {"fvcore", "iopath", "antlr4-python3-runtime"}
 
