@@ -99,6 +99,8 @@ SDIST_ONLY = {"fvcore", "iopath", "antlr4-python3-runtime"}
 
 def _name(spec: str) -> str:
     return re.split(r"[<>=!~ ;]", spec, maxsplit=1)[0].lower()
+
+
 OPTIONAL_LEFT_OUT = {
     "rasterio": "GeoTIFF reading/writing of the demo (about 20 MB of GDAL): skipped",
     "tensorboard": "event files (training writes metrics.json and curves.png without it)",
@@ -449,7 +451,8 @@ def check_ddp(tmp: Path, num_gpus: int) -> list[dict]:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         if proc.returncode:
             return [_row(f"DDP {n} GPU run", False, proc.stderr.strip()[-60:], "exit 0")]
-        weights[n] = torch.load(out / "model_final.pth", map_location="cpu")["model"]
+        ckpt = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+        weights[n] = ckpt["model"]
     cfg = _cfg("configs/synthetic/segclip_cpu.yaml", opts)
     from detectron2.modeling import build_model
     from detectron2.utils.env import seed_all_rng
