@@ -259,7 +259,7 @@ def test_train_net_eval_flags_set_tta_and_precision(tmp_path):
     argv = ["--config-file", str(REPO / "configs/synthetic/segclip_cpu.yaml"), "--eval-only"]
     opts = ["OUTPUT_DIR", str(tmp_path / "ev")]
     cfg = train_net.setup(train_net.build_parser().parse_args(argv + opts))
-    assert cfg.TEST.TTA.ENABLED is False and cfg.TEST.PRECISION == "fp32"
+    assert cfg.TEST.TTA.ENABLED is False and cfg.TEST.PRECISION == "auto"  # the default
     args = train_net.build_parser().parse_args(argv + ["--tta", "--precision", "bf16"] + opts)
     cfg = train_net.setup(args)
     assert cfg.TEST.TTA.ENABLED is True and cfg.TEST.PRECISION == "bf16"
