@@ -188,7 +188,7 @@ def format_model_card(card: dict, path: str = "") -> str:
     colors = card.get("colors") or []
     for i, name in enumerate(card.get("class_names") or []):
         color = colors[i] if i < len(colors) else None
-        hex_color = "#%02x%02x%02x" % tuple(color) if color else "-"
+        hex_color = "#" + "".join(f"{int(v):02x}" for v in color) if color else "-"
         prompt = (card.get("prompts") or [""] * (i + 1))[i]
         lines.append(f"    {i:3d}  {name:<22s} {hex_color}  {prompt!r}")
     metrics = card.get("metrics") or {}
