@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..data.dataset_facts import IGNORE_LABEL
-from .inferencer import PredictFn, SegInferencer
 from .visualize import colorize
+
+if TYPE_CHECKING:  # torch is imported only by ClassPredictor (the ONNX path has no torch)
+    from .inferencer import PredictFn, SegInferencer
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ class ClassPredictor:
     invalid) through ``inferencer(predict_fn, image)``."""
 
     def __init__(self, predict_fn: PredictFn, inferencer: SegInferencer, device="cpu"):
+        import torch
+
         self.predict_fn = predict_fn
         self.inferencer = inferencer
         self.device = torch.device(device)
@@ -45,6 +49,8 @@ class ClassPredictor:
         ids = np.full(rgb.shape[:2], IGNORE_LABEL, dtype=np.uint8)
         if not valid.any():
             return ids  # an all-no-data block needs no model
+        import torch
+
         image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, h, w)
         probs = self.inferencer(self.predict_fn, image.to(self.device).float())  # (K, h, w)
         pred = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
