@@ -205,6 +205,12 @@ def export_onnx(
             dynamo=False,
         )
     onnx_model = onnx.load(output)
+    # The tracer leaves the output's K, S, S symbolic; Deepness reads K from the output shape and
+    # checks that it is square, so they are written down.
+    dims = onnx_model.graph.output[0].type.tensor_type.shape.dim
+    dims[0].dim_param = "batch"
+    for dim, value in zip(dims[1:], (model.num_classes, tile_size, tile_size)):
+        dim.dim_value = int(value)
     onnx.checker.check_model(onnx_model)
     doubles = float64_tensors(onnx_model)
     if doubles:
