@@ -164,8 +164,17 @@ def case_forward(args) -> None:
 
 
 def case_onnx(args) -> None:
-    """One timed onnxruntime run of the exported model on the :func:`test_image` tile (no torch
-    in this process)."""
+    """One timed onnxruntime run of the exported model on the :func:`test_image` tile. torch and
+    detectron2 are blocked in this process, as on a machine without them (importing
+    ``segclip_d2`` would otherwise import them too and count their memory)."""
+
+    class NoTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "torchvision", "detectron2"):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+            return None
+
+    sys.meta_path.insert(0, NoTorch())
     from segclip_d2.deploy.onnx_predictor import OnnxSegmenter
 
     seg = OnnxSegmenter(args.onnx[0], threads=args.threads)
