@@ -172,7 +172,10 @@ def round_trip(model, onnx_path: str, tile) -> dict:
     t0 = time.perf_counter()
     ref = pytorch_probabilities(model, image)[0].numpy()
     t_pt = time.perf_counter() - t0
+    top2 = np.sort(ref, axis=0)[-2:]  # how decided the reference is (a trivial map agrees)
     return {
+        "classes_predicted": int(np.unique(ref.argmax(0)).size),
+        "close_calls": float((top2[1] - top2[0] < 0.01).mean()),
         "max_abs_diff": float(np.abs(ort_probs - ref).max()),
         "top1_agreement": float((ort_probs.argmax(0) == ref.argmax(0)).mean()),
         "prob_sum_range": [float(ort_probs.sum(0).min()), float(ort_probs.sum(0).max())],
@@ -221,7 +224,9 @@ def main(argv=None) -> int:
             f"round trip on {source}: max |dprob| {res['max_abs_diff']:.2e}, top-1 agreement "
             f"{agree:.3f}%, probabilities sum to {res['prob_sum_range'][0]:.6f}.."
             f"{res['prob_sum_range'][1]:.6f} (onnxruntime {res['onnxruntime_s']:.2f} s, "
-            f"PyTorch {res['pytorch_s']:.2f} s)"
+            f"PyTorch {res['pytorch_s']:.2f} s); PyTorch predicts {res['classes_predicted']} "
+            f"classes there, {100 * res['close_calls']:.2f}% of pixels within 0.01 of the "
+            "runner-up"
         )
         if agree < args.min_agreement:
             os.remove(tmp)
