@@ -233,8 +233,9 @@ class InferenceCheckpointer(SegCLIPCheckpointer):
 
 
 class ModelCardCheckpointer(SegCLIPCheckpointer):
-    """:class:`SegCLIPCheckpointer` (atomic saves) whose every ``save`` also stores ``card_fn(extra)`` as the
-    checkpoint's model card (``extra``: the keyword data of that save, e.g. ``iteration``)."""
+    """:class:`SegCLIPCheckpointer` (atomic saves) whose every ``save`` also stores
+    ``card_fn(extra)`` as the checkpoint's model card (``extra``: the keyword data of that save,
+    e.g. ``iteration``)."""
 
     def __init__(self, model, save_dir="", *, card_fn, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
