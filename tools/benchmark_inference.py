@@ -164,17 +164,9 @@ def case_forward(args) -> None:
 
 
 def case_onnx(args) -> None:
-    """One timed onnxruntime run of the exported model on the :func:`test_image` tile. torch and
-    detectron2 are blocked in this process, as on a machine without them (importing
-    ``segclip_d2`` would otherwise import them too and count their memory)."""
-
-    class NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "torchvision", "detectron2"):
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
-            return None
-
-    sys.meta_path.insert(0, NoTorch())
+    """One timed onnxruntime run of the exported model on the :func:`test_image` tile. The
+    process is started by :data:`NO_TORCH_LAUNCHER`, so torch and detectron2 are never imported
+    (as on a machine without them; importing ``segclip_d2`` would otherwise import them too)."""
     from segclip_d2.deploy.onnx_predictor import OnnxSegmenter
 
     seg = OnnxSegmenter(args.onnx[0], threads=args.threads)
@@ -188,6 +180,19 @@ def case_onnx(args) -> None:
         times.append(time.perf_counter() - t0)
     emit({"seconds": min(times), "model_rss_mb": base_rss, "shape": list(probs.shape),
           "torch_imported": "torch" in sys.modules})  # fmt: skip
+
+
+# python -c program: block torch / detectron2 imports, then run this script with the arguments.
+NO_TORCH_LAUNCHER = """
+import runpy, sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "detectron2"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+sys.meta_path.insert(0, NoTorch())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def mode_onnx(args) -> None:
@@ -211,7 +216,8 @@ def mode_onnx(args) -> None:
         extra = ["--repeats", str(args.repeats)]
         runs = {}
         for name, argv in (
-            ("ort", child_argv("onnx", config, size, [], args.threads, extra + ["--onnx", path])),
+            ("ort", [sys.executable, "-c", NO_TORCH_LAUNCHER] + child_argv(
+                "onnx", config, size, [], args.threads, extra + ["--onnx", path])[1:]),
             ("pt", child_argv("forward", config, size, ["TEST.MODE", "whole", "TEST.PRECISION",
                               "fp32"] + list(args.opts), args.threads, extra)),
         ):  # fmt: skip
