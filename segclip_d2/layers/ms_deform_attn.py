@@ -599,7 +599,9 @@ class MSDeformAttn(nn.Module):
         )
         inv = inv.view(1, L, 1, 2).expand(H, L, P, 2)
         inv = inv.reshape(-1)
-        offsets = linear(
+        # the oneDNN route is an eager-mode choice; traced graphs keep the standard op
+        lin = F.linear if torch.compiler.is_compiling() else linear
+        offsets = lin(
             query, self.sampling_offsets.weight * inv[:, None], self.sampling_offsets.bias * inv
         ).view(B, Q, H, L * P * 2)
         # the reference point of each level repeated over its P points: (B, Q, 1, L * P * 2),
