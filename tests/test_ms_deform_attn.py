@@ -677,3 +677,31 @@ def test_export_keeps_the_operator_and_decompositions_remove_it():
         assert any("grid_sampler" in t for t in targets), sorted(targets)
         assert _float_dtypes(decomposed.graph) == {torch.float32}
         torch.testing.assert_close(decomposed.module()(*args), expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_ext
+def test_eager_inference_calls_the_kernel_and_any_observer_sees_the_operator():
+    """Plain eager inference skips the dispatcher's Python layers (same kernel, same result);
+    under a dispatch mode (FLOP counters, fake tensors) the operator itself is called."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    (value, loc, attn), flat = _op_inputs(torch.float32, requires_grad=False)
+    pairs = [(4, 5), (2, 3)]
+    with torch.no_grad():
+        assert msda._plain_eager_inference(value, loc, attn)
+        fast = ms_deform_attn(value, pairs, None, loc, attn, impl="cpp")
+        with Recorder() as recorder:
+            assert not msda._plain_eager_inference(value, loc, attn)
+            seen = ms_deform_attn(value, pairs, None, loc, attn, impl="cpp")
+    assert "segclip_d2.ms_deform_attn.default" in recorder.ops
+    assert torch.equal(fast, seen)
+    assert not msda._plain_eager_inference(value.requires_grad_(), loc, attn)

@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .onednn_linear import linear
 
@@ -211,6 +212,25 @@ def _check_flat_shapes(spatial_shapes: Sequence[int], value: torch.Tensor) -> No
     )
 
 
+def _forward_kernel(
+    value: torch.Tensor,
+    spatial_shapes: Sequence[int],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The CPU / CUDA kernel of the operator: the compiled C++ op."""
+    _require_extension()
+    _check_flat_shapes(spatial_shapes, value)
+    shapes, starts = _shape_tensors(spatial_shapes, value.device)
+    return _C.ms_deform_attn_forward(
+        value.contiguous(),
+        shapes,
+        starts,
+        sampling_locations.contiguous(),
+        attention_weights.contiguous(),
+    )
+
+
 @torch.library.custom_op(
     "segclip_d2::ms_deform_attn", mutates_args=(), device_types=("cpu", "cuda")
 )
@@ -223,15 +243,22 @@ def _ms_deform_attn_op(
     """value (B, S, H, Dh), spatial_shapes [H_0, W_0, ...], sampling_locations
     (B, Q, H, L, P, 2), attention_weights (B, Q, H, L, P) -> (B, Q, H * Dh); float32 or
     float64 (bfloat16 values with float32 locations and weights on the CPU, float32 output)."""
-    _require_extension()
-    _check_flat_shapes(spatial_shapes, value)
-    shapes, starts = _shape_tensors(spatial_shapes, value.device)
-    return _C.ms_deform_attn_forward(
-        value.contiguous(),
-        shapes,
-        starts,
-        sampling_locations.contiguous(),
-        attention_weights.contiguous(),
+    return _forward_kernel(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+def _plain_eager_inference(*tensors: torch.Tensor) -> bool:
+    """Whether nothing could observe an operator call: no tracer (torch.compile, torch.export,
+    torch.jit.trace), no dispatch or function mode (fake tensors, FLOP counters), no tensor
+    subclass, no gradient. Then :func:`ms_deform_attn` calls the operator's kernel directly,
+    skipping the dispatcher's Python custom-op layers (0.1-0.3 ms per call here, ~66 calls in a
+    1024x1024 forward); the result is the same."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and _get_current_dispatch_mode() is None
+        and not torch._C._is_torch_function_mode_enabled()
+        and all(type(t) is torch.Tensor for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
     )
 
 
@@ -416,7 +443,10 @@ def ms_deform_attn(
     attn = attention_weights.to(compute_dtype)
     if not compiled_reads_bf16(value):  # else the kernel reads the bf16 values as they are
         value = value.to(compute_dtype)
-    out = torch.ops.segclip_d2.ms_deform_attn(value, flat, loc, attn)
+    if _plain_eager_inference(value, loc, attn):
+        out = _forward_kernel(value, flat, loc, attn)
+    else:
+        out = torch.ops.segclip_d2.ms_deform_attn(value, flat, loc, attn)
     return out.to(out_dtype)
 
 
