@@ -9,9 +9,16 @@ raster I/O and visualisation of ``segclip_d2.inference``).
 from ._torchless import missing_torch_stack
 
 try:
+    from .quiet import dependency_imports
+
     # Imported for their registrations: dataset splits and mappers; SegCLIP, the pixel decoder
-    # and the CLIP ResNet backbone.
-    from . import data, modeling  # noqa: F401
+    # and the CLIP ResNet backbone. They import detectron2 and fvcore, whose import-time
+    # torch.jit.script calls would print deprecation warnings (see .quiet).
+    with dependency_imports():
+        import detectron2.modeling  # noqa: F401
+        import fvcore.nn  # noqa: F401
+
+        from . import data, modeling  # noqa: F401
     from .config import add_segclip_config
 except ImportError as _e:
     if not missing_torch_stack(_e):

@@ -154,6 +154,9 @@ def add_segclip_config(cfg):
     cfg.TEST.SLIDE.STRIDE = (341, 341)
     # Windows run through the model at once.
     cfg.TEST.SLIDE.BATCH_SIZE = 4
+    # How overlapping windows are combined: "cosine" or "linear" taper towards the window edges,
+    # or "flat" (plain mean).
+    cfg.TEST.SLIDE.BLEND = "cosine"
     cfg.TEST.TTA = CN()
     # Enable test-time augmentation.
     cfg.TEST.TTA.ENABLED = False

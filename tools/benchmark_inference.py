@@ -9,8 +9,9 @@ read by the parent with ``os.wait4``) belongs to that case alone.
     # targets on the R50 LoveDA config at 1024 (CPU, 2 threads): fast path vs
     # MSDA_IMPL pytorch + POSTPROCESS full, bf16, and pixel agreement on real tiles
     python tools/benchmark_inference.py --targets
-    # demo memory / time on synthetic GeoTIFFs of growing size
-    python tools/benchmark_inference.py --geotiff-scaling --sizes 2048 4096 8192
+    # demo memory / time on synthetic GeoTIFFs of growing size (every output switched on,
+    # COG cost: class vs class-cog, all-nocog vs all)
+    python tools/benchmark_inference.py --geotiff-scaling --sizes 2048 4096 8192 --variants all
     # exported models (tools/export_onnx.py): onnxruntime vs the PyTorch fast path, same tile,
     # at each file's tile size; the PyTorch model is built from the card's config (+ --opts)
     python tools/benchmark_inference.py --onnx model_512.onnx model_1024.onnx \
@@ -561,50 +562,62 @@ def make_geotiff(path: Path, size: int, seed: int = 0) -> None:
             ds.write(block, window=Window(0, y, size, h))
 
 
+# Demo output flags of each --geotiff-scaling variant.
+OUTPUT_VARIANTS = {
+    "class": ["--no-cog"],
+    "class-cog": ["--cog"],
+    "all": ["--cog", "--probabilities", "--confidence", "--vector", "gpkg"],
+    "all-nocog": ["--no-cog", "--probabilities", "--confidence", "--vector", "gpkg"],
+}
+
+
 def mode_geotiff_scaling(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="segclip_geotiff_"))
     print(f"\n== demo on synthetic GeoTIFFs, {Path(args.config).name}, block {args.block_size} ==")
-    widths = (8, 12, 10, 12, 14)
-    print(fmt_row(("size", "Mpixels", "seconds", "s / Mpix", "peak RSS MB"), widths))
+    widths = (8, 12, 10, 10, 12, 14)
+    print(fmt_row(("size", "outputs", "Mpixels", "seconds", "s / Mpix", "peak RSS MB"), widths))
     for size in args.sizes:
         tif = tmp / f"scene_{size}.tif"
         make_geotiff(tif, size)
-        out = tmp / f"out_{size}"
-        argv = [
-            sys.executable,
-            str(REPO / "demo" / "demo.py"),
-            "--config-file",
-            str(args.config),
-            "--input",
-            str(tif),
-            "--output",
-            str(out),
-            "--no-progress",
-            *(["--allow-random-weights"] if args.allow_random_weights else []),
-            "--block-size",
-            str(args.block_size),
-            "--block-margin",
-            str(args.block_margin),
-            "--opts",
-            *OFFLINE_OPTS,
-            *args.opts,
-        ]
-        env_threads = f"torch threads {args.threads}"
-        code, wall, rss, text = run_child(
-            ["env", f"OMP_NUM_THREADS={args.threads}", *argv], timeout=3600
-        )
-        if code:
-            print(f"{size}: FAILED ({env_threads})\n{text[-3000:]}")
-            continue
-        mpix = size * size / 1e6
-        print(
-            fmt_row(
-                (size, f"{mpix:.1f}", f"{wall:.1f}", f"{wall / mpix:.2f}", f"{rss:.0f}"), widths
-            ),
-            flush=True,
-        )
+        for variant in args.variants:
+            _geotiff_case(args, tmp, tif, size, variant, widths)
         tif.unlink()
     print(f"(wall time includes model build; outputs in {tmp})")
+
+
+def _geotiff_case(args, tmp, tif, size, variant, widths) -> None:
+    """One demo run in a child process; prints its row."""
+    out = tmp / f"out_{size}_{variant}"
+    argv = [
+        sys.executable,
+        str(REPO / "demo" / "demo.py"),
+        "--config-file",
+        str(args.config),
+        "--input",
+        str(tif),
+        "--output",
+        str(out),
+        "--no-progress",
+        *(["--allow-random-weights"] if args.allow_random_weights else []),
+        "--block-size",
+        str(args.block_size),
+        "--block-margin",
+        str(args.block_margin),
+        *OUTPUT_VARIANTS[variant],
+        "--opts",
+        *OFFLINE_OPTS,
+        *args.opts,
+    ]
+    env_threads = f"torch threads {args.threads}"
+    code, wall, rss, text = run_child(
+        ["env", f"OMP_NUM_THREADS={args.threads}", *argv], timeout=3600
+    )
+    if code:
+        print(f"{size} {variant}: FAILED ({env_threads})\n{text[-3000:]}")
+        return
+    mpix = size * size / 1e6
+    row = (size, variant, f"{mpix:.1f}", f"{wall:.1f}", f"{wall / mpix:.2f}", f"{rss:.0f}")
+    print(fmt_row(row, widths), flush=True)
 
 
 def weights_of(opts: list[str]) -> str:
@@ -635,6 +648,14 @@ def _main(argv=None) -> int:
         "--config", default=None, help="default: the small CPU config, R50 LoveDA for --targets"
     )
     p.add_argument("--sizes", type=int, nargs="+", default=None)
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=sorted(OUTPUT_VARIANTS),
+        default=["class"],
+        help="--geotiff-scaling outputs: class map only (plain / COG), or every output "
+        "(probabilities, confidence, GeoPackage; COG or not)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--num-tiles", type=int, default=2)

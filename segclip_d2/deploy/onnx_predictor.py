@@ -139,15 +139,17 @@ class OnnxSegmenter:
                 count[:, y : y + s, x : x + s] += 1.0
         return (total / count)[:, :h, :w]
 
-    def __call__(self, rgb: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """The demo pipeline's predictor: RGB (h, w, 3) + validity (h, w) -> uint8 class ids,
-        ``IGNORE_LABEL`` where invalid."""
+    def __call__(self, rgb: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The demo pipeline's predictor: RGB (h, w, 3) + validity (h, w) -> uint8 class ids
+        (``IGNORE_LABEL`` where invalid) and (K, h, w) float32 probabilities (``None`` for a
+        block without a valid pixel), as :class:`segclip_d2.inference.pipeline.ClassPredictor`."""
         ids = np.full(rgb.shape[:2], IGNORE_LABEL, dtype=np.uint8)
         if not valid.any():
-            return ids
-        pred = self.predict_probs(rgb).argmax(0).astype(np.uint8)
+            return ids, None
+        probs = self.predict_probs(rgb)
+        pred = probs.argmax(0).astype(np.uint8)
         ids[valid] = pred[valid]
-        return ids
+        return ids, probs
 
 
 def _palette(n: int) -> list[tuple[int, int, int]]:
