@@ -300,4 +300,4 @@ def test_demo_onnx_runs_without_torch(exported, tmp_path):
 
     seg = OnnxSegmenter(str(path))
     rgb = cv2.imread(str(inputs / "tile.png"))[:, :, ::-1]
-    np.testing.assert_array_equal(ids[:, :64], seg(rgb, np.ones(rgb.shape[:2], bool))[:, :64])
+    np.testing.assert_array_equal(ids[:, :64], seg(rgb, np.ones(rgb.shape[:2], bool))[0][:, :64])

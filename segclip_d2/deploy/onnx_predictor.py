@@ -22,17 +22,9 @@ import os
 import numpy as np
 
 from segclip_d2.errors import UserError
+from segclip_d2.inference.windows import window_starts
 
 IGNORE_LABEL = 255  # segclip_d2.data.dataset_facts.IGNORE_LABEL (no torch import here)
-
-
-def _window_starts(size: int, crop: int, stride: int) -> list[int]:
-    """Window offsets covering ``[0, size)``; the last window ends at the border."""
-    if size <= crop:
-        return [0]
-    starts = list(range(0, size - crop, stride))
-    starts.append(size - crop)
-    return starts
 
 
 class OnnxSegmenter:
@@ -127,8 +119,8 @@ class OnnxSegmenter:
         image = np.empty((ph, pw, 3), np.float32)
         image[:] = self.mean  # padding = pixel mean = 0 after normalisation
         image[:h, :w] = rgb
-        boxes = [(y, x) for y in _window_starts(ph, s, self.stride)
-                 for x in _window_starts(pw, s, self.stride)]  # fmt: skip
+        boxes = [(y, x) for y in window_starts(ph, s, self.stride)
+                 for x in window_starts(pw, s, self.stride)]  # fmt: skip
         total = np.zeros((self.num_classes, ph, pw), np.float32)
         count = np.zeros((1, ph, pw), np.float32)
         for i in range(0, len(boxes), self.batch_size):

@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..utils.checkpoint import ModelCardCheckpointer, explain_weight_fetch_errors
 from ..utils.events import LazyJSONWriter
 from ..utils.hardware import EMULATED_BF16_SLOWDOWN, native_bf16_reason
-from ..utils.model_card import build_model_card
+from ..utils.model_card import build_model_card, card_config_fields
 from .data import ResumableTrainLoader, build_train_loader
 from .hooks import BestCheckpointer
 from .lr_scheduler import build_lr_scheduler
@@ -144,6 +144,7 @@ class SegCLIPTrainer(DefaultTrainer):
             seed=cfg.SEED,
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self._card_config = card_config_fields(cfg)  # the card's config part, read once
         self.checkpointer = ModelCardCheckpointer(
             model, cfg.OUTPUT_DIR, card_fn=self._model_card, trainer=weakref.proxy(self)
         )
@@ -184,7 +185,9 @@ class SegCLIPTrainer(DefaultTrainer):
                     metrics["evaluated_at_iteration"] = int(it)
         if "best_metric" in extra:
             metrics[f"best {self.cfg.SOLVER.BEST_CHECKPOINT_METRIC}"] = float(extra["best_metric"])
-        return build_model_card(self.cfg, self.model, metrics, extra.get("iteration"))
+        return build_model_card(
+            self.cfg, self.model, metrics, extra.get("iteration"), self._card_config
+        )
 
     # ------------------------------------------------------------------ builders
     @classmethod

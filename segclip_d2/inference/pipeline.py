@@ -150,7 +150,7 @@ def predict_source(
     Every block is predicted with ``margin`` pixels of context on each side. ``blend="crop"``
     keeps only each block's centre; ``"cosine"`` / ``"linear"`` blend the overlapping
     ``2 * margin`` bands of neighbouring blocks with weights tapering towards each window's edge
-    (:func:`~segclip_d2.inference.slide.taper_1d`), so no hard seam is left between blocks.
+    (:func:`~segclip_d2.inference.windows.taper_1d`), so no hard seam is left between blocks.
     Blended pixels are handed to the sinks as soon as every block covering them is done; pending
     sums cover about ``2 * margin`` rows of the raster's width, so memory does not grow with the
     raster's height and only by that strip with its width.
@@ -217,7 +217,7 @@ class _BlendAccumulator:
         return slice(y0 // c, -(-y1 // c)), slice(x0 // c, -(-x1 // c))
 
     def add(self, y0, x0, y1, x1, probs) -> None:
-        from .slide import window_weight
+        from .windows import window_weight
 
         c = self.cell
         ramp = (2 * self.margin, 2 * self.margin)
@@ -225,7 +225,7 @@ class _BlendAccumulator:
         if probs is not None:
             wt = window_weight(
                 (y0, x0, y1 - y0, x1 - x0), self.height, self.width, ramp, self.blend
-            ).numpy()  # (h, w)
+            )  # (h, w)
         done = []
         for cy in range(y0 // c, -(-y1 // c)):
             for cx in range(x0 // c, -(-x1 // c)):

@@ -58,30 +58,11 @@ def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def build_model_card(cfg, model, metrics: dict | None = None, iteration: int | None = None):
-    """The card of ``model`` (a SegCLIP, possibly DDP-wrapped) built from ``cfg``."""
-    import torch
-    from detectron2.data import MetadataCatalog
-
-    model = _unwrap(model)
-    encoder = model.text_encoder
-    names = list(model.class_names)
-    meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]) if len(cfg.DATASETS.TRAIN) else None
-    colors = list(getattr(meta, "stuff_colors", None) or []) if meta is not None else []
-    if len(colors) != len(names):
-        colors = []
-    with torch.no_grad():
-        embeddings = model.text_embeddings().detach().float().cpu()  # (K, D)
+def card_config_fields(cfg) -> dict:
+    """The parts of the card that come from the config alone (input format, training data, crop,
+    GSD, test mode, the config itself). A trainer reads them once when it is built."""
     gsd = float(cfg.INPUT.GSD_M)
     return {
-        "format": CARD_FORMAT,
-        "project_version": project_version(),
-        "class_names": names,
-        "colors": [[int(v) for v in c] for c in colors],
-        "prompt_template": encoder.prompt_template,
-        "prompts": encoder.prompts(names),
-        "text_encoder": encoder.identity(),
-        "text_embeddings": embeddings.tolist(),
         "class_head": cfg.MODEL.SEGCLIP.CLASS_HEAD,
         "input": {
             "format": cfg.INPUT.FORMAT,
@@ -94,11 +75,49 @@ def build_model_card(cfg, model, metrics: dict | None = None, iteration: int | N
             "datasets": list(cfg.DATASETS.TRAIN),
             "crop_size": [int(v) for v in cfg.INPUT.CROP.SIZE] if cfg.INPUT.CROP.ENABLED else None,
             "gsd_m": gsd if gsd > 0 else None,
-            "iteration": iteration,
         },
         "test": {"mode": cfg.TEST.MODE, "slide_crop_size": list(cfg.TEST.SLIDE.CROP_SIZE)},
-        "metrics": dict(metrics or {}),
         "config": cfg.dump(),
+    }
+
+
+def build_model_card(
+    cfg,
+    model,
+    metrics: dict | None = None,
+    iteration: int | None = None,
+    config_fields: dict | None = None,
+):
+    """The card of ``model`` (a SegCLIP, possibly DDP-wrapped) built from ``cfg`` (or from its
+    :func:`card_config_fields`, when already read)."""
+    import copy
+
+    import torch
+    from detectron2.data import MetadataCatalog
+
+    fields = copy.deepcopy(config_fields or card_config_fields(cfg))
+    model = _unwrap(model)
+    encoder = model.text_encoder
+    names = list(model.class_names)
+    datasets = fields["training"]["datasets"]
+    meta = MetadataCatalog.get(datasets[0]) if datasets else None
+    colors = list(getattr(meta, "stuff_colors", None) or []) if meta is not None else []
+    if len(colors) != len(names):
+        colors = []
+    with torch.no_grad():
+        embeddings = model.text_embeddings().detach().float().cpu()  # (K, D)
+    fields["training"]["iteration"] = iteration
+    return {
+        "format": CARD_FORMAT,
+        "project_version": project_version(),
+        "class_names": names,
+        "colors": [[int(v) for v in c] for c in colors],
+        "prompt_template": encoder.prompt_template,
+        "prompts": encoder.prompts(names),
+        "text_encoder": encoder.identity(),
+        "text_embeddings": embeddings.tolist(),
+        **fields,
+        "metrics": dict(metrics or {}),
     }
 
 
