@@ -28,6 +28,10 @@ A bad command line, config, weights file or output folder is one line ``error: <
 traceback), found before the model is built and before anything is written. A model without
 trained weights (``MODEL.WEIGHTS`` empty) is refused unless ``--allow-random-weights``. Temp files
 left in ``--output`` by killed earlier runs are removed (never those of a running one).
+
+``--onnx model.onnx`` predicts with an exported model (``tools/export_onnx.py``) through
+onnxruntime instead: same blocks, GeoTIFF handling and outputs, windows of the model's tile size
+inside each block; that path imports neither torch nor detectron2.
 """
 
 from __future__ import annotations
@@ -55,7 +59,10 @@ def get_parser() -> argparse.ArgumentParser:
     from segclip_d2.inference.geo_outputs import add_output_arguments
 
     p = ArgumentParser(description="SegCLIP demo on images and GeoTIFFs")
-    p.add_argument("--config-file", required=True, metavar="FILE", help="model config (YAML)")
+    p.add_argument("--config-file", metavar="FILE", help="model config (YAML); not with --onnx")
+    p.add_argument(
+        "--onnx", default="", metavar="FILE", help="exported model: run it with onnxruntime"
+    )
     p.add_argument(
         "--input", nargs="+", required=True, help="image files, folders or glob patterns"
     )
@@ -247,12 +254,20 @@ def preflight(args):
 
 
 def _main(argv=None) -> int:
+    from segclip_d2.errors import UserError
+
     args = get_parser().parse_args(argv)
+    if bool(args.onnx) == bool(args.config_file):
+        raise UserError(
+            "--config-file/--onnx", "give exactly one", "a config (PyTorch) or an exported model"
+        )
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
+    if args.onnx:
+        return main_onnx(args)
 
     from segclip_d2.inference.io import remove_stale_temps, write_png
     from segclip_d2.inference.visualize import draw_legend, vocabulary_colors
@@ -328,6 +343,74 @@ def _main(argv=None) -> int:
     logger.info("%d input(s) done, %d failed; outputs in %s", n_ok, len(failures), out_dir)
     for p, why in failures:
         logger.info("  failed: %s (%s)", p, why)
+    return 1 if failures else 0
+
+
+def main_onnx(args) -> int:
+    """``--onnx``: the exported model through onnxruntime (no torch / detectron2 import); the
+    same blocks, outputs (probabilities, confidence, COG, polygons), GSD handling and manifest as
+    the PyTorch path, in one process."""
+    from segclip_d2.deploy.onnx_predictor import OnnxSegmenter
+    from segclip_d2.errors import UserError, check_writable_dir
+    from segclip_d2.inference.batch import write_manifest
+    from segclip_d2.inference.geo_outputs import output_options
+    from segclip_d2.inference.gsd import GsdPolicy, parse_gsd
+    from segclip_d2.inference.io import parse_bands, remove_stale_temps, write_png
+    from segclip_d2.inference.visualize import draw_legend
+
+    try:
+        parse_bands(args.bands)
+    except ValueError as e:
+        raise UserError("--bands", str(e).removeprefix("--bands "), "e.g. --bands 3,2,1") from None
+    if args.classes or args.tta or args.precision or args.opts:
+        raise UserError(
+            "--onnx",
+            "--classes, --tta, --precision and --opts are PyTorch options",
+            "an ONNX model's vocabulary is fixed at export (tools/export_onnx.py --classes)",
+        )
+    if args.block_size <= 0 or args.block_margin < 0 or args.preview_size <= 0:
+        raise UserError(
+            "--block-size/--block-margin/--preview-size",
+            f"got {args.block_size}/{args.block_margin}/{args.preview_size}",
+            "sizes must be > 0 and the margin >= 0",
+        )
+    check_writable_dir(args.output, "--output")
+    predictor = OnnxSegmenter(args.onnx)  # UserError for a missing or foreign file
+    try:
+        gsd_option = parse_gsd(args.gsd)
+        opts = output_options(args, predictor.class_names, predictor.colors)
+    except ValueError as e:
+        raise UserError("output options", str(e), "see demo/README.md") from None
+    trained_gsd = (predictor.card.get("training") or {}).get("gsd_m")
+    gsd_policy = GsdPolicy(gsd_option, float(trained_gsd) if trained_gsd else None)
+    logger.info("inference: %s", predictor)
+    files, missing = expand_inputs(args.input)
+    failures = [(str(p), why) for p, why in missing]
+    for p, why in missing:
+        logger.error("input %s: %s", p, why)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)
+    title = Path(args.onnx).stem
+    write_png(out_dir / "legend.png", draw_legend(predictor.class_names, predictor.colors, title))
+    import rasterio
+
+    jobs = list(enumerate(zip(files, output_stems(files))))
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        records = _run_inputs(jobs, out_dir, predictor, opts, gsd_policy, args)
+    failures += [(r["input"], r["error"]) for r in records if r["status"] == "failed"]
+    summary = {
+        "onnx": args.onnx,
+        "classes": list(predictor.class_names),
+        "model_gsd_m": gsd_policy.trained_gsd,
+        "gsd": args.gsd,
+        "inference": repr(predictor),
+        "world_size": 1,
+        "missing_inputs": [{"input": p, "error": why} for p, why in missing],
+    }
+    write_manifest(out_dir, records, summary)
+    n_ok = sum(1 for r in records if r["status"] != "failed")
+    logger.info("%d input(s) done, %d failed; outputs in %s", n_ok, len(failures), out_dir)
     return 1 if failures else 0
 
 

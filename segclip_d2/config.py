@@ -46,6 +46,8 @@ def add_segclip_config(cfg):
     cfg.MODEL.SEGCLIP.TEXT.REQUIRE_PRETRAINED = False
     # Prompt template; "{}" is replaced by the cleaned class name.
     cfg.MODEL.SEGCLIP.TEXT.PROMPT_TEMPLATE = "a photo with a {}"
+    # Use a loaded text encoder that does not reproduce a checkpoint's stored embeddings (warn).
+    cfg.MODEL.SEGCLIP.TEXT.ALLOW_MISMATCH = False
 
     # Ground-truth text guidance (GTG), training only.
     cfg.MODEL.SEGCLIP.GT_GUIDANCE = CN()
@@ -124,6 +126,8 @@ def add_segclip_config(cfg):
     cfg.INPUT.COLOR_AUG = True
     # Pad training images and labels to a multiple of this (-1: no padding).
     cfg.INPUT.SIZE_DIVISIBILITY = -1
+    # Ground sample distance of the training imagery, metres per pixel (0: unknown).
+    cfg.INPUT.GSD_M = 0.0
 
     # ------------------------------------------------------------------ solver
     # Optimizer: "ADAMW" or "SGD".

@@ -244,6 +244,11 @@ def test_train_net_main_end_to_end(tiny_synthetic, tmp_path):
     assert panel.shape[1] > 3 * 64 and panel.shape[0] > 64  # 3 tiles of 64 px + legend
     assert (out / "curves.png").stat().st_size > 1000
     assert list(out.glob("events.out.tfevents.*")), "TensorBoard events are written by default"
+    card = best["model_card"]  # the checkpoint describes itself, metrics at save time included
+    assert card["metrics"]["sem_seg/mIoU"] == pytest.approx(best["best_metric"])
+    assert card["training"]["iteration"] == best["iteration"] and len(card["text_embeddings"]) == 7
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["model_card"]["class_names"] == card["class_names"]
 
     args = train_net.build_parser().parse_args(
         argv + ["--eval-only"] + common + ["MODEL.WEIGHTS", str(out / "model_best.pth")]

@@ -24,9 +24,10 @@ from ..data.dataset_facts import get_facts
 from ..data.evaluator import build_evaluator as build_segclip_evaluator
 from ..data.mapper import build_test_mapper, build_train_mapper
 from ..errors import UserError
-from ..utils.checkpoint import SegCLIPCheckpointer, explain_weight_fetch_errors
+from ..utils.checkpoint import ModelCardCheckpointer, explain_weight_fetch_errors
 from ..utils.events import LazyJSONWriter
 from ..utils.hardware import EMULATED_BF16_SLOWDOWN, native_bf16_reason
+from ..utils.model_card import build_model_card, card_config_fields
 from .data import ResumableTrainLoader, build_train_loader
 from .hooks import BestCheckpointer
 from .lr_scheduler import build_lr_scheduler
@@ -143,7 +144,10 @@ class SegCLIPTrainer(DefaultTrainer):
             seed=cfg.SEED,
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = SegCLIPCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self._card_config = card_config_fields(cfg)  # the card's config part, read once
+        self.checkpointer = ModelCardCheckpointer(
+            model, cfg.OUTPUT_DIR, card_fn=self._model_card, trainer=weakref.proxy(self)
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -168,6 +172,22 @@ class SegCLIPTrainer(DefaultTrainer):
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:
             logger.warning("checkpoint has no optimizer state (written by detectron2 0.5?)")
+
+    def _model_card(self, extra: dict) -> dict:
+        """The model card saved in every checkpoint: the latest evaluation metrics of this run
+        (``best_metric`` for model_best.pth) and the iteration."""
+        metrics = {}
+        storage = getattr(self, "storage", None)
+        if storage is not None:
+            for key, (value, it) in storage.latest().items():
+                if key.startswith("sem_seg/"):
+                    metrics[key] = float(value)
+                    metrics["evaluated_at_iteration"] = int(it)
+        if "best_metric" in extra:
+            metrics[f"best {self.cfg.SOLVER.BEST_CHECKPOINT_METRIC}"] = float(extra["best_metric"])
+        return build_model_card(
+            self.cfg, self.model, metrics, extra.get("iteration"), self._card_config
+        )
 
     # ------------------------------------------------------------------ builders
     @classmethod

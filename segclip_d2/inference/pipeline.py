@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..data.dataset_facts import IGNORE_LABEL
-from .inferencer import PredictFn, SegInferencer
 from .visualize import colorize
+
+if TYPE_CHECKING:  # torch is imported only by ClassPredictor (the ONNX path has no torch)
+    from .inferencer import PredictFn, SegInferencer
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class ClassPredictor:
     1 over the K classes at every pixel (the argmax is unchanged)."""
 
     def __init__(self, predict_fn: PredictFn, inferencer: SegInferencer, device="cpu"):
+        import torch
+
         self.predict_fn = predict_fn
         self.inferencer = inferencer
         self.device = torch.device(device)
@@ -47,6 +51,8 @@ class ClassPredictor:
         ids = np.full(rgb.shape[:2], IGNORE_LABEL, dtype=np.uint8)
         if not valid.any():
             return ids, None  # an all-no-data block needs no model
+        import torch
+
         image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, h, w)
         probs = self.inferencer(self.predict_fn, image.to(self.device).float())  # (K, h, w)
         pred = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
@@ -144,7 +150,7 @@ def predict_source(
     Every block is predicted with ``margin`` pixels of context on each side. ``blend="crop"``
     keeps only each block's centre; ``"cosine"`` / ``"linear"`` blend the overlapping
     ``2 * margin`` bands of neighbouring blocks with weights tapering towards each window's edge
-    (:func:`~segclip_d2.inference.slide.taper_1d`), so no hard seam is left between blocks.
+    (:func:`~segclip_d2.inference.windows.taper_1d`), so no hard seam is left between blocks.
     Blended pixels are handed to the sinks as soon as every block covering them is done; pending
     sums cover about ``2 * margin`` rows of the raster's width, so memory does not grow with the
     raster's height and only by that strip with its width.
@@ -211,7 +217,7 @@ class _BlendAccumulator:
         return slice(y0 // c, -(-y1 // c)), slice(x0 // c, -(-x1 // c))
 
     def add(self, y0, x0, y1, x1, probs) -> None:
-        from .slide import window_weight
+        from .windows import window_weight
 
         c = self.cell
         ramp = (2 * self.margin, 2 * self.margin)
@@ -219,7 +225,7 @@ class _BlendAccumulator:
         if probs is not None:
             wt = window_weight(
                 (y0, x0, y1 - y0, x1 - x0), self.height, self.width, ramp, self.blend
-            ).numpy()  # (h, w)
+            )  # (h, w)
         done = []
         for cy in range(y0 // c, -(-y1 // c)):
             for cx in range(x0 // c, -(-x1 // c)):

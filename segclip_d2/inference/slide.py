@@ -16,66 +16,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .windows import BLENDS, taper_1d, window_starts, window_weight  # noqa: F401
+
 # run_batch(images (B, 3, h, w)) -> (B, K, h, w) float32
 BatchFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def window_starts(size: int, crop: int, stride: int) -> list[int]:
-    """Start offsets of windows of length ``crop`` covering ``[0, size)`` with step ``stride``.
-
-    The last window is shifted back so it ends at the border (never runs past it); a size not
-    larger than the crop gives one window at 0.
-
-    >>> window_starts(1024, 512, 341)
-    [0, 341, 512]
-    """
-    if crop <= 0 or stride <= 0:
-        raise ValueError(f"crop ({crop}) and stride ({stride}) must be positive")
-    if stride > crop:
-        raise ValueError(f"stride {stride} > crop {crop} would leave pixels uncovered")
-    if size <= crop:
-        return [0]
-    starts = list(range(0, size - crop, stride))
-    starts.append(size - crop)
-    return starts
-
-
-BLENDS = ("flat", "linear", "cosine")
-# Smallest taper weight: keeps every pixel's weight positive where only a window edge covers it.
-_MIN_WEIGHT = 1e-3
-
-
-def taper_1d(length: int, ramp: int, blend: str, left: bool, right: bool) -> torch.Tensor:
-    """Weights (length,) rising over ``ramp`` pixels from the tapered ends to 1.
-
-    ``left``/``right`` say which ends are tapered (an end on the image border is not).
-    """
-    if blend not in BLENDS:
-        raise ValueError(f"unknown TEST.SLIDE.BLEND {blend!r}; choose one of {BLENDS}")
-    w = torch.ones(length, dtype=torch.float32)
-    ramp = min(int(ramp), length // 2)
-    if blend == "flat" or ramp <= 0:
-        return w
-    # t runs over the ramp's pixel centres in (0, 1).
-    t = (torch.arange(ramp, dtype=torch.float32) + 0.5) / ramp
-    r = t if blend == "linear" else 0.5 - 0.5 * torch.cos(torch.pi * t)
-    r = r.clamp_min(_MIN_WEIGHT)
-    if left:
-        w[:ramp] = r
-    if right:
-        w[length - ramp :] = r.flip(0)
-    return w
-
-
-def window_weight(
-    box: tuple[int, int, int, int], height: int, width: int, overlap: tuple[int, int], blend: str
-) -> torch.Tensor:
-    """Blending weight (h, w) of window ``box`` = (y, x, h, w) in an image of (height, width):
-    tapered over ``overlap`` pixels on the sides that are inside the image."""
-    y, x, h, w = box
-    wy = taper_1d(h, overlap[0], blend, y > 0, y + h < height)
-    wx = taper_1d(w, overlap[1], blend, x > 0, x + w < width)
-    return wy[:, None] * wx[None, :]
 
 
 def window_boxes(
@@ -122,7 +66,9 @@ def slide_inference(
                 (probs.shape[1], height, width), dtype=torch.float32, device=image.device
             )
         for (y, x, h, w), p in zip(chunk, probs):
-            wt = window_weight((y, x, h, w), height, width, overlap, blend).to(p.device)
+            wt = torch.from_numpy(window_weight((y, x, h, w), height, width, overlap, blend)).to(
+                p.device
+            )
             total[:, y : y + h, x : x + w] += p * wt
             count[:, y : y + h, x : x + w] += wt
     return total / count
