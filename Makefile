@@ -1,7 +1,7 @@
 # segclip-d2 entry points. `make train` and `make test` set up .venv first (seconds when done).
 PY := .venv/bin/python
 
-.PHONY: setup train test test-fast lint format cuda-check bench clean-venv
+.PHONY: setup train test test-fast lint format cuda-check gpu-check bench clean-venv
 
 setup:
 	bash scripts/setup.sh
@@ -29,6 +29,12 @@ format: setup
 # Compile the CUDA kernel for sm_80 and sm_90 with nvcc (it cannot run here); catches build breaks.
 cuda-check: setup
 	bash tools/check_cuda_build.sh
+
+# On a GPU machine: offline setup from WHEELS (optional), CUDA op build, checks table (exit 1 on a
+# failed check, 2 without a GPU). PYTHON defaults to python3 there (no venv). See README.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHON=$(GPU_PYTHON) bash tools/gpu_acceptance.sh $(if $(WHEELS),--wheels $(WHEELS))
 
 bench: setup
 	$(PY) tools/benchmark_msda.py

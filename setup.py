@@ -31,6 +31,8 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
+# Oldest torch supported (as in pyproject.toml's dependencies).
+TORCH_FLOOR = (2, 11)
 CSRC = Path("segclip_d2") / "layers" / "csrc"
 
 
@@ -94,6 +96,13 @@ def _build_ext_modules():
 
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    found = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
+    if found < TORCH_FLOOR:
+        raise RuntimeError(
+            f"segclip_d2._C needs torch >= {'.'.join(map(str, TORCH_FLOOR))} (the op is a "
+            f"torch.library operator); this environment has torch {torch.__version__}"
+        )
 
     force_cuda = os.environ.get("FORCE_CUDA", "0") not in ("", "0")
     with_cuda = cuda_root is not None and (torch.cuda.is_available() or force_cuda)

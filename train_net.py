@@ -19,6 +19,11 @@ trained weights unless ``--allow-random-weights``.
 
 from __future__ import annotations
 
+# First, before detectron2: segclip_d2 imports it with its import-time torch.jit.script
+# deprecation warnings silenced (segclip_d2/quiet.py); it also registers the datasets.
+import segclip_d2  # noqa: F401
+
+# isort: split
 import logging
 import os
 import sys
@@ -30,7 +35,6 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-import segclip_d2  # noqa: F401  (registers datasets)
 import segclip_d2.modeling.meta_arch  # noqa: F401  (registers SegCLIP)
 from segclip_d2 import add_segclip_config, compat
 from segclip_d2.cli import add_inference_arguments, apply_inference_arguments
@@ -147,7 +151,10 @@ def _summarise(cfg, results) -> None:
 def _write_prediction(cfg, model) -> None:
     if comm.is_main_process() and len(cfg.DATASETS.TEST):
         path = write_color_prediction(cfg, model, cfg.DATASETS.TEST[0])
-        logger.info(f"Colour prediction of the first tile of {cfg.DATASETS.TEST[0]}: {path}")
+        logger.info(
+            f"Prediction of the first tile of {cfg.DATASETS.TEST[0]} (image | ground truth | "
+            f"prediction): {path}"
+        )
 
 
 def main(args):

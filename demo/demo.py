@@ -28,6 +28,10 @@ A bad command line, config, weights file or output folder is one line ``error: <
 traceback), found before the model is built and before anything is written. A model without
 trained weights (``MODEL.WEIGHTS`` empty) is refused unless ``--allow-random-weights``. Temp files
 left in ``--output`` by killed earlier runs are removed (never those of a running one).
+
+``--onnx model.onnx`` predicts with an exported model (``tools/export_onnx.py``) through
+onnxruntime instead: same blocks, GeoTIFF handling and outputs, windows of the model's tile size
+inside each block; that path imports neither torch nor detectron2.
 """
 
 from __future__ import annotations
@@ -52,9 +56,13 @@ _INPUT_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeEr
 def get_parser() -> argparse.ArgumentParser:
     from segclip_d2.cli import add_inference_arguments
     from segclip_d2.errors import ArgumentParser
+    from segclip_d2.inference.geo_outputs import add_output_arguments
 
     p = ArgumentParser(description="SegCLIP demo on images and GeoTIFFs")
-    p.add_argument("--config-file", required=True, metavar="FILE", help="model config (YAML)")
+    p.add_argument("--config-file", metavar="FILE", help="model config (YAML); not with --onnx")
+    p.add_argument(
+        "--onnx", default="", metavar="FILE", help="exported model: run it with onnxruntime"
+    )
     p.add_argument(
         "--input", nargs="+", required=True, help="image files, folders or glob patterns"
     )
@@ -65,6 +73,7 @@ def get_parser() -> argparse.ArgumentParser:
         help="comma-separated custom vocabulary (needs MODEL.SEGCLIP.CLASS_HEAD text)",
     )
     add_inference_arguments(p)
+    add_output_arguments(p)
     p.add_argument("--bands", default="", help="1-based bands used as R,G,B, e.g. 3,2,1")
     p.add_argument("--block-size", type=int, default=1024, help="pixels per block (default 1024)")
     p.add_argument(
@@ -108,15 +117,18 @@ def setup_cfg(args):
 
 
 def expand_inputs(patterns) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files of ``patterns`` (files, folders, globs), in order, without duplicates; and
+    """Files of ``patterns`` (files, folders, globs, VRT mosaics; GDAL paths such as
+    ``/vsicurl/...`` or ``s3://...`` are kept as given), in order, without duplicates; and
     ``(pattern, reason)`` for patterns that match nothing."""
-    from segclip_d2.inference.io import IMAGE_EXTS
+    from segclip_d2.inference.io import IMAGE_EXTS, is_remote
 
-    files: list[Path] = []
+    files: list[Path | str] = []
     missing: list[tuple[str, str]] = []
     for pat in patterns:
         p = Path(pat)
-        if p.is_dir():
+        if is_remote(pat) and not p.exists():
+            found = [str(pat)]  # opened by GDAL; an unreachable source fails as that input
+        elif p.is_dir():
             found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)
             if not found:
                 missing.append((pat, f"folder has no image files ({', '.join(IMAGE_EXTS)})"))
@@ -184,47 +196,16 @@ def build_predictor(cfg):
     return model, inferencer
 
 
-def process_input(path: Path, stem: str, out_dir: Path, predictor, colors, args) -> str:
+def process_input(path, stem: str, out_dir: Path, predictor, opts, gsd_policy, args) -> str:
     """Predict one input and write its outputs; returns a one-line summary."""
-    from segclip_d2.inference.io import GeoTiffWriter, open_source, parse_bands, write_png
-    from segclip_d2.inference.pipeline import IdArraySink, PreviewSink, predict_source
-    from segclip_d2.inference.visualize import colorize, overlay
+    from segclip_d2.inference.geo_outputs import predict_to_outputs
+    from segclip_d2.inference.io import open_source, parse_bands
 
     t0 = time.perf_counter()
     src = open_source(path, parse_bands(args.bands))
     try:
-        kw = dict(
-            block_size=args.block_size, margin=args.block_margin, progress=not args.no_progress
-        )
-        if src.is_geotiff:
-            writer = GeoTiffWriter(
-                out_dir / f"{stem}_pred.tif",
-                src.height,
-                src.width,
-                src.crs,
-                src.transform,
-                colors,
-                nodata_value=255,
-            )
-            preview = PreviewSink(src.height, src.width, args.preview_size)
-            ok = False
-            try:
-                n = predict_source(src, predictor, [writer, preview], **kw)
-                ok = True
-            finally:
-                writer.close(ok)
-            ids, rgb = preview.ids, preview.rgb
-            written = [f"{stem}_pred.tif"]
-        else:
-            sink = IdArraySink(src.height, src.width)
-            n = predict_source(src, predictor, [sink], **kw)
-            ids, rgb = sink.ids, src.rgb
-            write_png(out_dir / f"{stem}_pred.png", ids)
-            written = [f"{stem}_pred.png"]
-        color = colorize(ids, colors)
-        write_png(out_dir / f"{stem}_color.png", color)
-        write_png(out_dir / f"{stem}_overlay.png", overlay(rgb, color, ids, args.alpha))
-        written += [f"{stem}_color.png", f"{stem}_overlay.png"]
+        scale = gsd_policy.scale_for(src)
+        written, n = predict_to_outputs(src, predictor, out_dir, stem, opts, scale)
     finally:
         src.close()
     dt = time.perf_counter() - t0
@@ -275,27 +256,50 @@ def preflight(args):
 
 
 def _main(argv=None) -> int:
+    from segclip_d2.errors import UserError
+
     args = get_parser().parse_args(argv)
+    if bool(args.onnx) == bool(args.config_file):
+        raise UserError(
+            "--config-file/--onnx", "give exactly one", "a config (PyTorch) or an exported model"
+        )
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
+    if args.onnx:
+        return main_onnx(args)
 
     from segclip_d2.inference.io import remove_stale_temps, write_png
     from segclip_d2.inference.visualize import draw_legend, vocabulary_colors
 
     cfg, classes, colors, custom = preflight(args)
 
+    from segclip_d2.errors import UserError
+    from segclip_d2.inference.batch import Launch, shard, write_manifest
+    from segclip_d2.inference.geo_outputs import output_options
+    from segclip_d2.inference.gsd import GsdPolicy, model_gsd, parse_gsd
+
+    try:
+        gsd_option = parse_gsd(args.gsd)
+        output_options(args, classes, colors)  # validates the output flags
+    except ValueError as e:
+        raise UserError("output options", str(e), "see demo/README.md") from None
+    launch = Launch()
     files, missing = expand_inputs(args.input)
     failures = [(str(p), why) for p, why in missing]
     for p, why in missing:
         logger.error("input %s: %s", p, why)
+    jobs = shard(list(enumerate(zip(files, output_stems(files)))), launch.rank, launch.world_size)
 
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)  # of killed earlier runs; a running rank's temps stay
+    device = launch.setup(cfg.MODEL.DEVICE)
     model, inferencer = build_predictor(cfg)
+    if device != cfg.MODEL.DEVICE:
+        model.to(device)
     if custom:
         model.set_vocabulary(custom)
         colors = vocabulary_colors(custom, classes, colors)
@@ -304,47 +308,156 @@ def _main(argv=None) -> int:
 
     from segclip_d2.inference.pipeline import ClassPredictor
 
-    predictor = ClassPredictor(model.predict_sem_seg_probs, inferencer, cfg.MODEL.DEVICE)
-    write_png(
-        out_dir / "legend.png", draw_legend(classes, colors, title=Path(args.config_file).stem)
-    )
+    predictor = ClassPredictor(model.predict_sem_seg_probs, inferencer, device)
+    opts = output_options(args, classes, colors)
+    gsd_policy = GsdPolicy(gsd_option, model_gsd(cfg))
+    if launch.rank == 0:
+        write_png(
+            out_dir / "legend.png", draw_legend(classes, colors, title=Path(args.config_file).stem)
+        )
 
-    iterator = files
-    if not args.no_progress and len(files) > 1:
+    iterator = jobs
+    if not args.no_progress and len(jobs) > 1:
         from tqdm import tqdm
 
-        iterator = tqdm(files, desc="inputs", unit="file")
+        iterator = tqdm(jobs, desc="inputs", unit="file")
     import rasterio
 
     # GDAL's block cache defaults to 5% of RAM; a small cap keeps GeoTIFF memory flat in size.
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-        failures += _run_inputs(iterator, out_dir, predictor, colors, args)
-    n_ok = len(files) - sum(1 for p, _ in failures if Path(p) in files)
+        records = _run_inputs(iterator, out_dir, predictor, opts, gsd_policy, args)
+    failures += [(r["input"], r["error"]) for r in records if r["status"] == "failed"]
+    everything = launch.gather(records)
+    launch.close()
+    if everything is not None:
+        summary = {
+            "config_file": args.config_file,
+            "weights": cfg.MODEL.WEIGHTS,
+            "classes": list(classes),
+            "model_gsd_m": model_gsd(cfg),
+            "gsd": args.gsd,
+            "inference": repr(inferencer),
+            "world_size": launch.world_size,
+            "missing_inputs": [{"input": p, "error": why} for p, why in missing],
+        }
+        write_manifest(out_dir, everything, summary)
+    n_ok = sum(1 for r in records if r["status"] != "failed")
     logger.info("%d input(s) done, %d failed; outputs in %s", n_ok, len(failures), out_dir)
     for p, why in failures:
         logger.info("  failed: %s (%s)", p, why)
     return 1 if failures else 0
 
 
-def _run_inputs(iterator, out_dir, predictor, colors, args) -> list[tuple[str, str]]:
-    """Process every input; returns (path, reason) of those that failed."""
-    failures = []
-    used_stems: dict[str, int] = {}
-    for path in iterator:
-        stem = path.stem
-        if stem in used_stems:
-            used_stems[stem] += 1
-            stem = f"{stem}_{used_stems[path.stem]}"
-            logger.warning("%s: output name already used in this run, writing %s_*", path, stem)
+def main_onnx(args) -> int:
+    """``--onnx``: the exported model through onnxruntime (no torch / detectron2 import); the
+    same blocks, outputs (probabilities, confidence, COG, polygons), GSD handling and manifest as
+    the PyTorch path, in one process."""
+    from segclip_d2.deploy.onnx_predictor import OnnxSegmenter
+    from segclip_d2.errors import UserError, check_writable_dir
+    from segclip_d2.inference.batch import write_manifest
+    from segclip_d2.inference.geo_outputs import output_options
+    from segclip_d2.inference.gsd import GsdPolicy, parse_gsd
+    from segclip_d2.inference.io import parse_bands, remove_stale_temps, write_png
+    from segclip_d2.inference.visualize import draw_legend
+
+    try:
+        parse_bands(args.bands)
+    except ValueError as e:
+        raise UserError("--bands", str(e).removeprefix("--bands "), "e.g. --bands 3,2,1") from None
+    if args.classes or args.tta or args.precision or args.opts:
+        raise UserError(
+            "--onnx",
+            "--classes, --tta, --precision and --opts are PyTorch options",
+            "an ONNX model's vocabulary is fixed at export (tools/export_onnx.py --classes)",
+        )
+    if args.block_size <= 0 or args.block_margin < 0 or args.preview_size <= 0:
+        raise UserError(
+            "--block-size/--block-margin/--preview-size",
+            f"got {args.block_size}/{args.block_margin}/{args.preview_size}",
+            "sizes must be > 0 and the margin >= 0",
+        )
+    check_writable_dir(args.output, "--output")
+    predictor = OnnxSegmenter(args.onnx)  # UserError for a missing or foreign file
+    try:
+        gsd_option = parse_gsd(args.gsd)
+        opts = output_options(args, predictor.class_names, predictor.colors)
+    except ValueError as e:
+        raise UserError("output options", str(e), "see demo/README.md") from None
+    trained_gsd = (predictor.card.get("training") or {}).get("gsd_m")
+    gsd_policy = GsdPolicy(gsd_option, float(trained_gsd) if trained_gsd else None)
+    logger.info("inference: %s", predictor)
+    files, missing = expand_inputs(args.input)
+    failures = [(str(p), why) for p, why in missing]
+    for p, why in missing:
+        logger.error("input %s: %s", p, why)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)
+    title = Path(args.onnx).stem
+    write_png(out_dir / "legend.png", draw_legend(predictor.class_names, predictor.colors, title))
+    import rasterio
+
+    jobs = list(enumerate(zip(files, output_stems(files))))
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        records = _run_inputs(jobs, out_dir, predictor, opts, gsd_policy, args)
+    failures += [(r["input"], r["error"]) for r in records if r["status"] == "failed"]
+    summary = {
+        "onnx": args.onnx,
+        "classes": list(predictor.class_names),
+        "model_gsd_m": gsd_policy.trained_gsd,
+        "gsd": args.gsd,
+        "inference": repr(predictor),
+        "world_size": 1,
+        "missing_inputs": [{"input": p, "error": why} for p, why in missing],
+    }
+    write_manifest(out_dir, records, summary)
+    n_ok = sum(1 for r in records if r["status"] != "failed")
+    logger.info("%d input(s) done, %d failed; outputs in %s", n_ok, len(failures), out_dir)
+    return 1 if failures else 0
+
+
+def output_stems(files) -> list[str]:
+    """One output name per input: the file's stem, numbered when already used in this run."""
+    stems, used = [], {}
+    for path in files:
+        stem = Path(str(path)).stem
+        if stem in used:
+            used[stem] += 1
+            new = f"{stem}_{used[stem]}"
+            logger.warning("%s: output name already used in this run, writing %s_*", path, new)
+            stem = new
         else:
-            used_stems[stem] = 0
-        try:
-            logger.info("%s", process_input(path, stem, out_dir, predictor, colors, args))
-        except _INPUT_ERRORS as e:
-            msg = str(e) if str(path) in str(e) else f"{path}: {e}"
-            logger.error("failed: %s", msg)
-            failures.append((str(path), str(e)))
-    return failures
+            used[stem] = 0
+        stems.append(stem)
+    return stems
+
+
+def _run_inputs(jobs, out_dir, predictor, opts, gsd_policy, args) -> list[dict]:
+    """Process every ``(index, (path, stem))``; returns one manifest record per input."""
+    from segclip_d2.inference.geo_outputs import expected_outputs, outputs_complete
+    from segclip_d2.inference.io import is_raster_path
+
+    records = []
+    for index, (path, stem) in jobs:
+        names = expected_outputs(stem, is_raster_path(path), opts)
+        rec = {"index": index, "input": str(path), "outputs": names, "error": None}
+        t0 = time.perf_counter()
+        if args.skip_existing and outputs_complete(out_dir, names):
+            logger.info("%s: outputs complete, skipped (--skip-existing)", path)
+            rec["status"] = "skipped"
+        else:
+            try:
+                logger.info(
+                    "%s", process_input(path, stem, out_dir, predictor, opts, gsd_policy, args)
+                )
+                rec["status"] = "done"
+            except _INPUT_ERRORS as e:
+                msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+                logger.error("failed: %s", msg)
+                rec.update(status="failed", error=str(e))
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
+        records.append(rec)
+    return records
 
 
 def main(argv=None) -> int:

@@ -11,9 +11,16 @@ def add_inference_arguments(parser) -> None:
     )
     parser.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16"),
+        choices=("auto", "fp32", "bf16", "fp16"),
         default=None,
-        help="inference precision (sets TEST.PRECISION); fp16 on a CPU runs bf16",
+        help="inference precision (sets TEST.PRECISION, default auto: bf16 where the CPU or GPU "
+        "computes it natively, fp16 on older GPUs, else fp32); fp16 on a CPU runs bf16",
+    )
+    parser.add_argument(
+        "--allow-text-mismatch",
+        action="store_true",
+        help="use a CLIP text encoder that does not reproduce the checkpoint's stored class "
+        "embeddings (sets MODEL.SEGCLIP.TEXT.ALLOW_MISMATCH True)",
     )
 
 
@@ -23,3 +30,5 @@ def apply_inference_arguments(cfg, args) -> None:
         cfg.TEST.TTA.ENABLED = True
     if getattr(args, "precision", None):
         cfg.TEST.PRECISION = args.precision
+    if getattr(args, "allow_text_mismatch", False):
+        cfg.MODEL.SEGCLIP.TEXT.ALLOW_MISMATCH = True

@@ -53,6 +53,8 @@ def add_segclip_config(cfg):
     cfg.MODEL.SEGCLIP.TEXT.REQUIRE_PRETRAINED = False
     # Prompt template; "{}" is replaced by the cleaned class name.
     cfg.MODEL.SEGCLIP.TEXT.PROMPT_TEMPLATE = PROMPT_TEMPLATE
+    # Use a loaded text encoder that does not reproduce a checkpoint's stored embeddings (warn).
+    cfg.MODEL.SEGCLIP.TEXT.ALLOW_MISMATCH = False
 
     # Ground-truth text guidance (GTG), training only.
     cfg.MODEL.SEGCLIP.GT_GUIDANCE = CN()
@@ -129,6 +131,8 @@ def add_segclip_config(cfg):
     cfg.INPUT.RANDOM_ROTATE90 = True
     # Photometric jitter (brightness, contrast, saturation, hue).
     cfg.INPUT.COLOR_AUG = True
+    # Ground sample distance of the training imagery, metres per pixel (0: unknown).
+    cfg.INPUT.GSD_M = 0.0
 
     # ------------------------------------------------------------------ solver
     # Optimizer: "ADAMW" or "SGD".
@@ -141,6 +145,9 @@ def add_segclip_config(cfg):
     cfg.SOLVER.POLY_LR_POWER = 0.9
     # Metric that decides the best checkpoint (model_best.pth); "" disables the hook.
     cfg.SOLVER.BEST_CHECKPOINT_METRIC = "sem_seg/mIoU"
+    # AMP autocast dtype when SOLVER.AMP.ENABLED: "auto" (fp16 on CUDA, bf16 on CPUs with native
+    # bf16, else fp32), "float16" (with a GradScaler, also on CPU) or "bfloat16".
+    cfg.SOLVER.AMP.DTYPE = "auto"
 
     # ------------------------------------------------------------------ test
     # Inference mode: "whole" image or "slide" window.
@@ -152,6 +159,9 @@ def add_segclip_config(cfg):
     cfg.TEST.SLIDE.STRIDE = (341, 341)
     # Windows run through the model at once.
     cfg.TEST.SLIDE.BATCH_SIZE = 4
+    # How overlapping windows are combined: "cosine" or "linear" taper towards the window edges,
+    # or "flat" (plain mean).
+    cfg.TEST.SLIDE.BLEND = "cosine"
     cfg.TEST.TTA = CN()
     # Enable test-time augmentation.
     cfg.TEST.TTA.ENABLED = False
@@ -161,8 +171,9 @@ def add_segclip_config(cfg):
     cfg.TEST.TTA.ROTATIONS = [90, 180, 270]
     # Extra scales (1.0 is always included).
     cfg.TEST.TTA.SCALES = [1.0]
-    # Inference precision: "fp32", "bf16" or "fp16".
-    cfg.TEST.PRECISION = "fp32"
+    # Inference precision: "auto" (bf16 where native, fp16 on older GPUs, else fp32), "fp32",
+    # "bf16" or "fp16".
+    cfg.TEST.PRECISION = "auto"
     # Only write predictions in the benchmark's submission format (no metrics).
     cfg.TEST.FORMAT_ONLY = False
     return cfg

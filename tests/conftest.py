@@ -9,7 +9,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# The real sample data (../shared/data next to the checkout; SEGCLIP_SHARED_DATA overrides).
+SHARED_DATA = Path(os.environ.get("SEGCLIP_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")

@@ -161,7 +161,7 @@ def test_text_encoder_and_backbone_each_warn_once(monkeypatch, tmp_path, caplog)
     monkeypatch.setattr(weights, "_WARNED", set())
     with caplog.at_level(logging.WARNING, logger="segclip_d2.utils.weights"):
         for _ in range(2):
-            FrozenCLIPTextEncoder(pretrained="openai")
+            FrozenCLIPTextEncoder(pretrained="openai")(["road"])  # loads the tower: warns
             CLIPResNetBackbone(pretrained="openai", out_features=["res2"])
     messages = [r.getMessage() for r in caplog.records if r.name == "segclip_d2.utils.weights"]
     assert len(messages) == 2

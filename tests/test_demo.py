@@ -3,6 +3,7 @@ bad inputs, custom vocabularies."""
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import cv2
@@ -12,6 +13,7 @@ import pytest
 from segclip_d2.data.dataset_facts import get_facts
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SEGCLIP_SHARED_DATA", REPO.parent / "shared" / "data"))
 LOVEDA = get_facts("loveda")
 K = LOVEDA.num_classes
 
@@ -106,7 +108,7 @@ def demo_run(tmp_path_factory, request):
     unsupported 2-band TIFF."""
     import rasterio
 
-    shared = REPO.parent / "shared" / "data" / "loveda" / "images" / "0.png"
+    shared = SHARED_DATA / "loveda" / "images" / "0.png"
     if not shared.is_file():
         pytest.skip(f"real LoveDA tile not found at {shared}")
     tmp = tmp_path_factory.mktemp("demo")

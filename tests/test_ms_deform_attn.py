@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from functorch.compile import make_boxed_func
+from torch import nn
+from torch._dynamo.backends.common import aot_autograd
 
 import segclip_d2.layers.ms_deform_attn as msda
 from segclip_d2.layers import MSDeformAttn, ms_deform_attn_pytorch
@@ -501,3 +504,204 @@ def test_reduced_precision_values_are_projected_in_the_autocast_dtype(impl):
     assert value.dtype == torch.bfloat16
     assert value.shape == (2, 60, 4, 8)
     torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+
+
+# ----------------------------------------------------------------------------- torch.library
+
+
+def _op_inputs(dtype, requires_grad=True, seed=11):
+    value, shapes, _, loc, attn = make_inputs([[4, 5], [2, 3]], 2, 2, 4, 3, 2, dtype, seed)
+    flat = shapes.flatten().tolist()
+    return [t.requires_grad_(requires_grad) for t in (value, loc, attn)], flat
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_passes_for_the_cpu_operator(dtype):
+    """Schema, fake kernel, autograd registration and AOT dispatch (torch.compile's path), with
+    gradients; the backward operator is checked on its own too."""
+    (value, loc, attn), flat = _op_inputs(dtype)
+    op = torch.ops.segclip_d2.ms_deform_attn.default
+    torch.library.opcheck(op, (value, flat, loc, attn))
+    grad = torch.randn(2, 3, 8, dtype=dtype)
+    args = (grad, value.detach(), flat, loc.detach(), attn.detach())
+    torch.library.opcheck(torch.ops.segclip_d2.ms_deform_attn_backward.default, args)
+
+
+@needs_ext
+def test_operator_fake_kernel_gives_the_kernels_dtype_and_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    (value, loc, attn), flat = _op_inputs(torch.float32, requires_grad=False)
+    op = torch.ops.segclip_d2.ms_deform_attn
+    for v in (value, value.bfloat16()):  # bf16 values: fp32 output, as the CPU kernel gives
+        real = op(v, flat, loc, attn)
+        with FakeTensorMode() as mode:
+            fake = op(mode.from_tensor(v), flat, mode.from_tensor(loc), mode.from_tensor(attn))
+        assert (fake.shape, fake.dtype) == (real.shape, real.dtype) == ((2, 3, 8), torch.float32)
+
+
+@needs_ext
+def test_operator_backward_takes_bf16_values_in_float32():
+    """Gradients through the operator with bf16 values (the wrapper converts them, but a
+    direct caller may not): the backward runs in fp32 and returns a bf16 value gradient."""
+    (value, loc, attn), flat = _op_inputs(torch.float32)
+    low = value.detach().bfloat16().requires_grad_()
+    out = torch.ops.segclip_d2.ms_deform_attn(low, flat, loc, attn)
+    (grad,) = torch.autograd.grad(out.sum(), low)
+    ref = ms_deform_attn_pytorch(low.float(), [(4, 5), (2, 3)], loc, attn)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), low)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def _tiny_module(impl, seed=0):
+    torch.manual_seed(seed)
+    module = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2, impl=impl)
+    with torch.no_grad():  # non-trivial offsets and weights
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return module
+
+
+def _segclip_calls(graph) -> int:
+    return sum("segclip_d2.ms_deform_attn" in str(n.target) for n in graph.nodes)
+
+
+@needs_ext
+def test_compile_fullgraph_keeps_the_operator_and_matches_eager():
+    """torch.compile(fullgraph=True) fails on any graph break; the compiled graph calls the
+    operator (not the reference), forward and backward equal eager."""
+    module = _tiny_module("cpp")
+    query, ref, feats, shapes, _ = _module_inputs()
+    pairs = [tuple(p) for p in shapes.tolist()]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        keep = aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g))
+        return keep(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    out = compiled(query, ref, feats, pairs, None)
+    expected = module(query, ref, feats, pairs, None)
+    torch.testing.assert_close(out, expected)
+    assert len(graphs) == 1 and _segclip_calls(graphs[0].graph) == 1
+    grads = torch.autograd.grad(out.square().sum(), list(module.parameters()))
+    ref_grads = torch.autograd.grad(expected.square().sum(), list(module.parameters()))
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg)
+
+
+def _plain_model(**segclip):
+    """The tiny SegCLIP model of test_model_segclip.py with the cpp op, in eval mode, with any
+    inference-only layer subclass (FrozenBN folding, oneDNN linear: eager-mode execution
+    strategies that read data pointers) set back to its standard base class."""
+    from test_model_segclip import build
+
+    model = build(MSDA_IMPL="cpp", **segclip)
+    for m in model.modules():
+        if type(m).__name__ in ("Conv2dFoldedFrozenBN", "OneDNNLinear"):
+            m.__class__ = type(m).__mro__[1]
+    return model.eval()
+
+
+class _SemSegProbs(nn.Module):
+    """The model's eval forward on a batch of images, as an exportable module."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.model.predict_sem_seg_probs(images)
+
+
+@needs_ext
+def test_pixel_decoder_traces_without_graph_break():
+    """torch.compile sees the eval pixel decoder as one graph with the operator in it."""
+    model = _plain_model()
+    images = torch.rand(1, 3, 64, 64) * 255
+    with torch.no_grad():
+        features = model.backbone(model._normalize(images))
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model.pixel_decoder)(features)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    enc_layers = len(model.pixel_decoder.transformer.layers)
+    assert sum(_segclip_calls(g.graph) for g in explained.graphs) == enc_layers
+
+
+@needs_ext
+@pytest.mark.slow
+def test_export_of_the_eval_model_and_its_decomposition():
+    """The whole eval forward (backbone, pixel decoder, text-query decoder, post-processing)
+    exports with the operator in the graph, and decomposes to standard float32 ops."""
+    wrapper = _SemSegProbs(_plain_model()).eval()
+    images = torch.rand(1, 3, 64, 64) * 255
+    with torch.no_grad():
+        expected = wrapper(images)
+        exported = torch.export.export(wrapper, (images,))
+        enc_layers = len(wrapper.model.pixel_decoder.transformer.layers)
+        assert _segclip_calls(exported.graph) == enc_layers
+        torch.testing.assert_close(exported.module()(images), expected)
+        decomposed = exported.run_decompositions(msda.decompositions())
+        assert _segclip_calls(decomposed.graph) == 0
+        assert _float_dtypes(decomposed.graph) == {torch.float32}
+        torch.testing.assert_close(decomposed.module()(images), expected, rtol=1e-4, atol=1e-5)
+
+
+def _float_dtypes(graph) -> set:
+    vals = (n.meta.get("val") for n in graph.nodes)
+    return {v.dtype for v in vals if isinstance(v, torch.Tensor) and v.dtype.is_floating_point}
+
+
+@needs_ext
+def test_export_keeps_the_operator_and_decompositions_remove_it():
+    """torch.export puts the operator in the graph; run_decompositions(decompositions()) swaps in
+    the grid_sample reference (standard ops only, float32 throughout) with the same result."""
+    module = _tiny_module("cpp").eval()
+    query, ref, feats, shapes, _ = _module_inputs()
+    pairs = [tuple(p) for p in shapes.tolist()]
+    mask = torch.zeros(2, 60, dtype=torch.bool)
+    mask[1, 48:] = True
+    args = (query, ref, feats, pairs, None, mask)
+    with torch.no_grad():
+        expected = module(*args)
+        exported = torch.export.export(module, args)
+        assert _segclip_calls(exported.graph) == 1
+        torch.testing.assert_close(exported.module()(*args), expected)
+        decomposed = exported.run_decompositions(msda.decompositions())
+        assert _segclip_calls(decomposed.graph) == 0
+        targets = {str(n.target) for n in decomposed.graph.nodes}
+        assert any("grid_sampler" in t for t in targets), sorted(targets)
+        assert _float_dtypes(decomposed.graph) == {torch.float32}
+        torch.testing.assert_close(decomposed.module()(*args), expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_ext
+def test_eager_inference_calls_the_kernel_and_any_observer_sees_the_operator():
+    """Plain eager inference skips the dispatcher's Python layers (same kernel, same result);
+    under a dispatch mode (FLOP counters, fake tensors) the operator itself is called."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    (value, loc, attn), flat = _op_inputs(torch.float32, requires_grad=False)
+    pairs = [(4, 5), (2, 3)]
+    with torch.no_grad():
+        assert msda._plain_eager_inference(value, loc, attn)
+        fast = ms_deform_attn(value, pairs, None, loc, attn, impl="cpp")
+        with Recorder() as recorder:
+            assert not msda._plain_eager_inference(value, loc, attn)
+            seen = ms_deform_attn(value, pairs, None, loc, attn, impl="cpp")
+    assert "segclip_d2.ms_deform_attn.default" in recorder.ops
+    assert torch.equal(fast, seen)
+    assert not msda._plain_eager_inference(value.requires_grad_(), loc, attn)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from segclip_d2.modeling.text_encoder import FrozenCLIPTextEncoder
+from segclip_d2.modeling.text_encoder import FrozenCLIPTextEncoder, TextEncoderMismatchError
 from segclip_d2.utils import weights
 
 LOVEDA = ["background", "building", "road", "water", "barren", "forest", "agriculture"]
@@ -124,7 +124,7 @@ def test_stays_in_eval_mode(encoder):
     assert parent.training and not encoder.training
     encoder.train(True)
     assert not encoder.training
-    assert not encoder._clip.obj.training
+    assert not encoder._load().training
 
 
 def test_follows_parent_device_and_keeps_shared_model_on_cpu(encoder):
@@ -140,6 +140,7 @@ def test_follows_parent_device_and_keeps_shared_model_on_cpu(encoder):
 
 
 def test_deepcopy_shares_frozen_clip(encoder):
+    encoder(LOVEDA)
     clone = copy.deepcopy(nn.Sequential(encoder))[0]
     assert clone._clip.obj is encoder._clip.obj
     torch.testing.assert_close(clone(LOVEDA), encoder(LOVEDA))
@@ -155,13 +156,14 @@ def test_from_config():
     cfg.MODEL.SEGCLIP.TEXT.PROMPT_TEMPLATE = "satellite photo of {}"
     enc = FrozenCLIPTextEncoder(cfg)
     assert enc.prompts(["road"]) == ["satellite photo of road"]
-    assert enc.model_name == "RN50" and enc.weights_path is None
+    assert enc.model_name == "RN50" and enc.weights_path is None and not enc.allow_mismatch
 
 
 def test_offline_missing_weights_warn_once_and_random_init(empty_caches, caplog):
     with caplog.at_level(logging.WARNING, logger="segclip_d2.utils.weights"):
         enc = FrozenCLIPTextEncoder(model_name="RN50", pretrained="openai")
         again = FrozenCLIPTextEncoder(model_name="RN50", pretrained="openai")
+        enc(LOVEDA), again(LOVEDA)
     records = [r for r in caplog.records if r.name == "segclip_d2.utils.weights"]
     assert len(records) == 1
     message = records[0].getMessage()
@@ -174,8 +176,10 @@ def test_offline_missing_weights_warn_once_and_random_init(empty_caches, caplog)
 
 
 def test_offline_missing_weights_required_is_a_clear_error(empty_caches):
+    enc = FrozenCLIPTextEncoder(model_name="RN50", pretrained="openai", require_pretrained=True)
+    assert not enc.loaded  # nothing is loaded before a prompt needs the tower
     with pytest.raises(weights.PretrainedWeightsError) as info:
-        FrozenCLIPTextEncoder(model_name="RN50", pretrained="openai", require_pretrained=True)
+        enc(LOVEDA)
     assert isinstance(info.value, RuntimeError)
     message = str(info.value)
     assert "'RN50'" in message and "'openai'" in message and "offline" in message
@@ -221,7 +225,7 @@ def test_bad_pretrained_values_are_errors(tmp_path, private_model_cache):
     broken = tmp_path / "broken.pt"
     torch.save({"token_embedding.weight": torch.zeros(3, 3)}, broken)
     with pytest.raises(weights.PretrainedWeightsError, match="broken.pt"):
-        FrozenCLIPTextEncoder(pretrained=str(broken))
+        FrozenCLIPTextEncoder(pretrained=str(broken))(LOVEDA)
 
 
 def test_local_checkpoint_round_trip(tmp_path, private_model_cache):
@@ -234,13 +238,13 @@ def test_local_checkpoint_round_trip(tmp_path, private_model_cache):
     torch.save(saved.state_dict(), path)
 
     enc = FrozenCLIPTextEncoder(model_name="RN50", pretrained=str(path))
-    assert enc.weights_path == str(path)
     import open_clip
 
     tokens = open_clip.get_tokenizer("RN50")(enc.prompts(LOVEDA))
     with torch.no_grad():
         expected = saved.encode_text(tokens, normalize=True)
     emb = enc(LOVEDA)
+    assert enc.weights_path == str(path)
     torch.testing.assert_close(emb, expected)
     random_init = FrozenCLIPTextEncoder(model_name="RN50", pretrained="")(LOVEDA)
     assert not torch.allclose(emb, random_init, atol=1e-3)
@@ -292,10 +296,47 @@ def test_openai_torchscript_checkpoint(tmp_path, private_model_cache):
     torch.jit.save(torch.jit.script(_ScriptableCLIP(shared, token_embedding)), str(path))
 
     enc = FrozenCLIPTextEncoder(model_name="RN50", pretrained=str(path))
-    loaded = enc._clip.obj
+    loaded = enc._load()
     assert enc.weights_path == str(path)
     assert torch.equal(loaded.token_embedding.weight, token_embedding.weight)
     assert torch.equal(loaded.ln_final.weight, shared.ln_final.weight)
     # OpenAI's TorchScript models are QuickGELU models.
     assert any(type(m).__name__ == "QuickGELU" for m in loaded.modules())
     assert not any(type(m).__name__ == "QuickGELU" for m in shared.modules())
+
+
+def test_only_the_text_tower_is_kept(encoder):
+    tower = encoder._load()
+    assert "visual" not in dict(tower.named_children())
+    assert not any(name.startswith("visual.") for name in tower.state_dict())
+
+
+def test_stored_embeddings_need_no_tower(encoder):
+    reference = encoder(LOVEDA)
+    enc = FrozenCLIPTextEncoder(model_name="RN50", pretrained="openai", require_pretrained=True)
+    enc.set_stored_embeddings(enc.prompts(LOVEDA), reference, {"pretrained": ""})
+    torch.testing.assert_close(enc(LOVEDA), reference, rtol=0, atol=0)
+    assert not enc.loaded and enc.num_encoder_calls == 0
+    with pytest.raises(ValueError, match="expected \\(7, 1024\\)"):
+        enc.set_stored_embeddings(enc.prompts(LOVEDA), reference[:, :5], None)
+
+
+def test_loaded_tower_that_disagrees_with_stored_embeddings_is_an_error(encoder, caplog):
+    reference = encoder(LOVEDA)
+    made_by = encoder.identity()
+    other = FrozenCLIPTextEncoder(model_name="RN50", pretrained="")
+    other.set_stored_embeddings(other.prompts(LOVEDA), reference.flip(0), made_by)
+    with pytest.raises(TextEncoderMismatchError) as info:
+        other(["harbour"])  # a new prompt loads the tower, which re-encodes the stored ones
+    message = str(info.value)
+    assert message.count("open_clip 'RN50' pretrained ''") == 2 and "random init" in message
+    assert "--allow-text-mismatch" in message
+    same = FrozenCLIPTextEncoder(model_name="RN50", pretrained="")
+    same.set_stored_embeddings(same.prompts(LOVEDA), reference, made_by)
+    assert same(["harbour"]).shape == (1, 1024)  # agreeing encoders pass the check
+    allowed = FrozenCLIPTextEncoder(model_name="RN50", pretrained="", allow_mismatch=True)
+    allowed.set_stored_embeddings(allowed.prompts(LOVEDA), reference.flip(0), made_by)
+    with caplog.at_level(logging.WARNING, logger="segclip_d2.modeling.text_encoder"):
+        allowed(["harbour"])
+    assert "allow_mismatch" in caplog.text
+    torch.testing.assert_close(allowed(LOVEDA), reference.flip(0), rtol=0, atol=0)

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -239,6 +240,15 @@ def test_train_net_main_end_to_end(tiny_synthetic, tmp_path):
         )
     )
     assert (out / "predictions" / "val_0000_color.png").is_file()
+    panel = cv2.imread(str(out / "predictions" / "val_0000_panel.png"))
+    assert panel.shape[1] > 3 * 64 and panel.shape[0] > 64  # 3 tiles of 64 px + legend
+    assert (out / "curves.png").stat().st_size > 1000
+    assert list(out.glob("events.out.tfevents.*")), "TensorBoard events are written by default"
+    card = best["model_card"]  # the checkpoint describes itself, metrics at save time included
+    assert card["metrics"]["sem_seg/mIoU"] == pytest.approx(best["best_metric"])
+    assert card["training"]["iteration"] == best["iteration"] and len(card["text_embeddings"]) == 7
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["model_card"]["class_names"] == card["class_names"]
 
     args = train_net.build_parser().parse_args(
         argv + ["--eval-only"] + common + ["MODEL.WEIGHTS", str(out / "model_best.pth")]
@@ -254,7 +264,7 @@ def test_train_net_eval_flags_set_tta_and_precision(tmp_path):
     argv = ["--config-file", str(REPO / "configs/synthetic/segclip_cpu.yaml"), "--eval-only"]
     opts = ["OUTPUT_DIR", str(tmp_path / "ev")]
     cfg = train_net.setup(train_net.build_parser().parse_args(argv + opts))
-    assert cfg.TEST.TTA.ENABLED is False and cfg.TEST.PRECISION == "fp32"
+    assert cfg.TEST.TTA.ENABLED is False and cfg.TEST.PRECISION == "auto"  # the default
     args = train_net.build_parser().parse_args(argv + ["--tta", "--precision", "bf16"] + opts)
     cfg = train_net.setup(args)
     assert cfg.TEST.TTA.ENABLED is True and cfg.TEST.PRECISION == "bf16"

@@ -9,8 +9,13 @@ read by the parent with ``os.wait4``) belongs to that case alone.
     # targets on the R50 LoveDA config at 1024 (CPU, 2 threads): fast path vs
     # MSDA_IMPL pytorch + POSTPROCESS full, bf16, and pixel agreement on real tiles
     python tools/benchmark_inference.py --targets
-    # demo memory / time on synthetic GeoTIFFs of growing size
-    python tools/benchmark_inference.py --geotiff-scaling --sizes 2048 4096 8192
+    # demo memory / time on synthetic GeoTIFFs of growing size (every output switched on,
+    # COG cost: class vs class-cog, all-nocog vs all)
+    python tools/benchmark_inference.py --geotiff-scaling --sizes 2048 4096 8192 --variants all
+    # exported models (tools/export_onnx.py): onnxruntime vs the PyTorch fast path, same tile,
+    # at each file's tile size; the PyTorch model is built from the card's config (+ --opts)
+    python tools/benchmark_inference.py --onnx model_512.onnx model_1024.onnx \
+        [--opts MODEL.WEIGHTS model_best.pth]
 
 Nothing here is part of the test suite.
 """
@@ -30,7 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SMALL_CONFIG = REPO / "configs" / "synthetic" / "segclip_cpu.yaml"
 R50_CONFIG = REPO / "configs" / "loveda" / "segclip_R50.yaml"
-REAL_TILES = REPO.parent / "shared" / "data" / "loveda" / "images"
+SHARED_DATA = Path(os.environ.get("SEGCLIP_SHARED_DATA", REPO.parent / "shared" / "data"))
+REAL_TILES = SHARED_DATA / "loveda" / "images"
 # Random init, no weight lookups, CPU (the configs default to CUDA).
 OFFLINE_OPTS = [
     "MODEL.SEGCLIP.TEXT.PRETRAINED",
@@ -113,10 +119,17 @@ def load_model(config: str, opts: list[str], optimize: bool = True):
 
 
 def test_image(size: int, seed: int = 0):
-    """A real LoveDA tile resized to ``size`` when available, else smooth random noise."""
+    """A real LoveDA tile resized to ``size`` when available, else smooth random noise:
+    (3, size, size) float tensor."""
+    import torch
+
+    return torch.from_numpy(test_image_rgb(size, seed)).permute(2, 0, 1).float()
+
+
+def test_image_rgb(size: int, seed: int = 0):
+    """:func:`test_image` as a (size, size, 3) uint8 RGB array (no torch import)."""
     import cv2
     import numpy as np
-    import torch
 
     tiles = sorted(REAL_TILES.glob("*.png")) if REAL_TILES.is_dir() else []
     if tiles:
@@ -127,7 +140,7 @@ def test_image(size: int, seed: int = 0):
         rgb = cv2.resize(
             g.integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8), (size, size)
         )
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
+    return np.ascontiguousarray(rgb)
 
 
 def case_forward(args) -> None:
@@ -156,6 +169,79 @@ def case_forward(args) -> None:
             "shape": list(probs.shape),
         }
     )
+
+
+def case_onnx(args) -> None:
+    """One timed onnxruntime run of the exported model on the :func:`test_image` tile. The
+    process is started by :data:`NO_TORCH_LAUNCHER`, so torch and detectron2 are never imported
+    (as on a machine without them; importing ``segclip_d2`` would otherwise import them too)."""
+    from segclip_d2.deploy.onnx_predictor import OnnxSegmenter
+
+    seg = OnnxSegmenter(args.onnx[0], threads=args.threads)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    tile = test_image_rgb(seg.tile_size)[None]
+    seg.predict_batch(tile)  # warm-up (onnxruntime allocates its arenas on the first run)
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        probs = seg.predict_batch(tile)
+        times.append(time.perf_counter() - t0)
+    emit({"seconds": min(times), "model_rss_mb": base_rss, "shape": list(probs.shape),
+          "torch_imported": "torch" in sys.modules})  # fmt: skip
+
+
+# python -c program: block torch / detectron2 imports, then run this script with the arguments.
+NO_TORCH_LAUNCHER = """
+import runpy, sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "detectron2"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+sys.meta_path.insert(0, NoTorch())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def mode_onnx(args) -> None:
+    """onnxruntime vs the PyTorch fast path (fp32, whole tile) at each file's tile size."""
+    import onnx
+
+    widths = (6, 16, 16, 10, 16, 16)
+    print(f"\n== onnxruntime vs PyTorch fast path, fp32, CPU {args.threads} threads, one tile ==")
+    print(fmt_row(("size", "onnxruntime s", "PyTorch s", "ratio", "ORT peak RSS", "PT peak RSS"),
+                  widths))  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix="segclip_bench_onnx_"))
+    for i, path in enumerate(args.onnx):
+        model = onnx.load(path, load_external_data=False)
+        size = model.graph.input[0].type.tensor_type.shape.dim[2].dim_value
+        card = json.loads({p.key: p.value for p in model.metadata_props}["segclip_model_card"])
+        del model
+        config = args.config
+        if not config:
+            config = tmp / f"card_config_{i}.yaml"
+            config.write_text(card["config"])
+        extra = ["--repeats", str(args.repeats)]
+        runs = {}
+        for name, argv in (
+            ("ort", [sys.executable, "-c", NO_TORCH_LAUNCHER] + child_argv(
+                "onnx", config, size, [], args.threads, extra + ["--onnx", path])[1:]),
+            ("pt", child_argv("forward", config, size, ["TEST.MODE", "whole", "TEST.PRECISION",
+                              "fp32"] + list(args.opts), args.threads, extra)),
+        ):  # fmt: skip
+            code, wall, rss, text = run_child(argv)
+            if code:
+                print(f"{name} at {size}: FAILED\n{text[-2000:]}")
+                runs = {}
+                break
+            runs[name] = (child_json(text), rss)
+        if runs:
+            (ort, ort_rss), (pt, pt_rss) = runs["ort"], runs["pt"]
+            assert not ort["torch_imported"]
+            print(fmt_row((size, f"{ort['seconds']:.3f}", f"{pt['seconds']:.3f}",
+                           f"{ort['seconds'] / pt['seconds']:.2f}", f"{ort_rss:.0f} MB",
+                           f"{pt_rss:.0f} MB"), widths), flush=True)  # fmt: skip
+    print("(ratio = onnxruntime / PyTorch seconds; peak RSS of each child process)")
 
 
 def case_tiles(args) -> None:
@@ -483,50 +569,62 @@ def make_geotiff(path: Path, size: int, seed: int = 0) -> None:
             ds.write(block, window=Window(0, y, size, h))
 
 
+# Demo output flags of each --geotiff-scaling variant.
+OUTPUT_VARIANTS = {
+    "class": ["--no-cog"],
+    "class-cog": ["--cog"],
+    "all": ["--cog", "--probabilities", "--confidence", "--vector", "gpkg"],
+    "all-nocog": ["--no-cog", "--probabilities", "--confidence", "--vector", "gpkg"],
+}
+
+
 def mode_geotiff_scaling(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="segclip_geotiff_"))
     print(f"\n== demo on synthetic GeoTIFFs, {Path(args.config).name}, block {args.block_size} ==")
-    widths = (8, 12, 10, 12, 14)
-    print(fmt_row(("size", "Mpixels", "seconds", "s / Mpix", "peak RSS MB"), widths))
+    widths = (8, 12, 10, 10, 12, 14)
+    print(fmt_row(("size", "outputs", "Mpixels", "seconds", "s / Mpix", "peak RSS MB"), widths))
     for size in args.sizes:
         tif = tmp / f"scene_{size}.tif"
         make_geotiff(tif, size)
-        out = tmp / f"out_{size}"
-        argv = [
-            sys.executable,
-            str(REPO / "demo" / "demo.py"),
-            "--config-file",
-            str(args.config),
-            "--input",
-            str(tif),
-            "--output",
-            str(out),
-            "--no-progress",
-            *(["--allow-random-weights"] if args.allow_random_weights else []),
-            "--block-size",
-            str(args.block_size),
-            "--block-margin",
-            str(args.block_margin),
-            "--opts",
-            *OFFLINE_OPTS,
-            *args.opts,
-        ]
-        env_threads = f"torch threads {args.threads}"
-        code, wall, rss, text = run_child(
-            ["env", f"OMP_NUM_THREADS={args.threads}", *argv], timeout=3600
-        )
-        if code:
-            print(f"{size}: FAILED ({env_threads})\n{text[-3000:]}")
-            continue
-        mpix = size * size / 1e6
-        print(
-            fmt_row(
-                (size, f"{mpix:.1f}", f"{wall:.1f}", f"{wall / mpix:.2f}", f"{rss:.0f}"), widths
-            ),
-            flush=True,
-        )
+        for variant in args.variants:
+            _geotiff_case(args, tmp, tif, size, variant, widths)
         tif.unlink()
     print(f"(wall time includes model build; outputs in {tmp})")
+
+
+def _geotiff_case(args, tmp, tif, size, variant, widths) -> None:
+    """One demo run in a child process; prints its row."""
+    out = tmp / f"out_{size}_{variant}"
+    argv = [
+        sys.executable,
+        str(REPO / "demo" / "demo.py"),
+        "--config-file",
+        str(args.config),
+        "--input",
+        str(tif),
+        "--output",
+        str(out),
+        "--no-progress",
+        *(["--allow-random-weights"] if args.allow_random_weights else []),
+        "--block-size",
+        str(args.block_size),
+        "--block-margin",
+        str(args.block_margin),
+        *OUTPUT_VARIANTS[variant],
+        "--opts",
+        *OFFLINE_OPTS,
+        *args.opts,
+    ]
+    env_threads = f"torch threads {args.threads}"
+    code, wall, rss, text = run_child(
+        ["env", f"OMP_NUM_THREADS={args.threads}", *argv], timeout=3600
+    )
+    if code:
+        print(f"{size} {variant}: FAILED ({env_threads})\n{text[-3000:]}")
+        return
+    mpix = size * size / 1e6
+    row = (size, variant, f"{mpix:.1f}", f"{wall:.1f}", f"{wall / mpix:.2f}", f"{rss:.0f}")
+    print(fmt_row(row, widths), flush=True)
 
 
 def weights_of(opts: list[str]) -> str:
@@ -551,9 +649,20 @@ def _main(argv=None) -> int:
     )
     p.add_argument("--geotiff-scaling", action="store_true", help="demo memory/time vs size")
     p.add_argument(
+        "--onnx", nargs="+", default=[], metavar="FILE", help="exported models vs PyTorch"
+    )
+    p.add_argument(
         "--config", default=None, help="default: the small CPU config, R50 LoveDA for --targets"
     )
     p.add_argument("--sizes", type=int, nargs="+", default=None)
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=sorted(OUTPUT_VARIANTS),
+        default=["class"],
+        help="--geotiff-scaling outputs: class map only (plain / COG), or every output "
+        "(probabilities, confidence, GeoPackage; COG or not)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--num-tiles", type=int, default=2)
@@ -570,12 +679,12 @@ def _main(argv=None) -> int:
     )
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[])
     args = p.parse_args(argv)
-    cases = {"forward": case_forward, "tiles": case_tiles, "flops": case_flops}
+    cases = {"forward": case_forward, "tiles": case_tiles, "flops": case_flops, "onnx": case_onnx}
     if args._case:
         cases[args._case](args)
         return 0
-    if not (args.table or args.targets or args.ab or args.geotiff_scaling):
-        p.error("choose --table, --targets, --ab and/or --geotiff-scaling")
+    if not (args.table or args.targets or args.ab or args.geotiff_scaling or args.onnx):
+        p.error("choose --table, --targets, --ab, --geotiff-scaling and/or --onnx")
     if len(args.opts) % 2:
         raise UserError("--opts", "odd number of items: each KEY needs a VALUE", None)
     weights = weights_of(args.opts)
@@ -594,6 +703,8 @@ def _main(argv=None) -> int:
         mode_targets(args)
     if args.ab:
         mode_ab(args)
+    if args.onnx:
+        mode_onnx(args)
     if args.geotiff_scaling:
         args.sizes = args.sizes or [2048, 4096, 8192]
         args.config = args.config or str(SMALL_CONFIG)

@@ -1,7 +1,9 @@
 """One training step: forward, backward, full-model gradient clipping, optional AMP.
 
-Replaces detectron2's ``SimpleTrainer.run_step`` / ``AMPTrainer`` (0.5's asserts CUDA): on CUDA
-AMP is fp16 autocast with a ``GradScaler``; on CPU it is bf16 autocast (no scaler needed).
+Replaces detectron2's ``SimpleTrainer.run_step`` / ``AMPTrainer`` (0.5's asserts CUDA): fp16
+autocast comes with a ``GradScaler`` (on CUDA, and on CPU where tests exercise the CUDA AMP path);
+bf16 autocast needs no scaler. Steps the scaler skips (inf/NaN gradients) are counted in
+``skipped_steps`` and logged as ``amp_skipped_steps``.
 With ``seed >= 0`` torch's RNG is re-seeded from (seed, iteration, rank) before every forward,
 so the point sampling of the losses does not depend on what ran before (resuming gives the
 same run).
@@ -51,10 +53,9 @@ class SegCLIPTrainLoop(SimpleTrainer):
         params = list(model.parameters())
         self.device_type = params[0].device.type if params else "cpu"
         self.grad_scaler = None
-        if amp_dtype == torch.float16:
-            if self.device_type != "cuda":
-                raise ValueError("fp16 AMP needs CUDA; use bf16 on CPU")
-            self.grad_scaler = torch.amp.GradScaler("cuda")
+        self.skipped_steps = 0
+        if amp_dtype == torch.float16:  # CUDA AMP, or CPU fp16 autocast (exercises that path)
+            self.grad_scaler = torch.amp.GradScaler(self.device_type)
 
     def run_step(self):
         assert self.model.training, "[SegCLIPTrainLoop] model was changed to eval mode!"
@@ -84,8 +85,12 @@ class SegCLIPTrainLoop(SimpleTrainer):
         self._write_metrics(loss_dict, data_time)
 
         if self.grad_scaler is not None:
+            scale = self.grad_scaler.get_scale()
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
+            if self.grad_scaler.get_scale() < scale:  # inf/NaN gradients: the step was skipped
+                self.skipped_steps += 1
+            self.storage.put_scalar("amp_skipped_steps", self.skipped_steps, smoothing_hint=False)
         else:
             self.optimizer.step()
 

@@ -2,7 +2,7 @@
 
 Compared to ``DefaultTrainer`` it builds: the project's mappers and evaluator, a seeded and
 resumable training loader, AdamW with backbone/norm/embedding parameter groups, the poly LR
-schedule, full-model gradient clipping, AMP on CPU (bf16) or CUDA (fp16), DDP for CPU processes,
+schedule, full-model gradient clipping, AMP (``SOLVER.AMP.DTYPE``), DDP for CPU processes,
 a best-checkpoint hook, and writers that need no tensorboard.
 """
 
@@ -17,33 +17,98 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, TrainerBase, hooks
 from detectron2.utils import comm
-from detectron2.utils.events import CommonMetricPrinter
 from detectron2.utils.logger import setup_logger
 
 from .. import compat
 from ..data.dataset_facts import get_facts
 from ..data.evaluator import build_evaluator as build_segclip_evaluator
 from ..data.mapper import build_test_mapper, build_train_mapper
+from ..errors import UserError
 from ..inference.optimize import inference_copy
-from ..utils.checkpoint import SegCLIPCheckpointer, explain_weight_fetch_errors
+from ..utils.checkpoint import ModelCardCheckpointer, explain_weight_fetch_errors
 from ..utils.events import LazyJSONWriter
+from ..utils.hardware import EMULATED_BF16_SLOWDOWN, native_bf16_reason
+from ..utils.model_card import build_model_card, card_config_fields
 from .data import ResumableTrainLoader, build_train_loader
 from .hooks import BestCheckpointer
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_gradient_clipper, build_optimizer
+from .report import CurvesWriter, TrainingLogPrinter, compose_panel
 from .train_loop import SegCLIPTrainLoop
 
 logger = logging.getLogger(__name__)
 
 
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def amp_dtype_for(cfg, device_type: str) -> torch.dtype | None:
-    """``SOLVER.AMP.ENABLED``: fp16 on CUDA, bf16 on CPU (logged), None when disabled."""
+    """The autocast dtype of ``SOLVER.AMP`` on ``device_type``, or None for fp32 (logged).
+
+    ``DTYPE auto``: fp16 on CUDA; on CPU bf16 where the CPU computes it natively, else fp32 (a
+    CPU without AVX512-BF16/AMX emulates bf16 many times slower than fp32). An explicit
+    ``bfloat16`` on such a CPU trains, with a warning; ``float16`` on CPU is CPU fp16 autocast
+    with a GradScaler, the CUDA AMP path run where there is no GPU.
+    """
     if not cfg.SOLVER.AMP.ENABLED:
         return None
+    name = str(cfg.SOLVER.AMP.DTYPE).lower()
+    if name != "auto" and name not in AMP_DTYPES:
+        raise UserError(
+            "SOLVER.AMP.DTYPE",
+            f"unknown value {cfg.SOLVER.AMP.DTYPE!r}",
+            "use auto, float16 or bfloat16",
+        )
     if device_type == "cuda":
-        return torch.float16
-    logger.info("SOLVER.AMP.ENABLED on CPU: training with bf16 autocast (no fp16 on CPU)")
-    return torch.bfloat16
+        return torch.float16 if name == "auto" else AMP_DTYPES[name]
+    native, why = native_bf16_reason()
+    if name == "auto":
+        if native:
+            logger.info(f"SOLVER.AMP.DTYPE auto on CPU: bf16 autocast (native bf16: {why})")
+            return torch.bfloat16
+        logger.info(
+            f"SOLVER.AMP.DTYPE auto on CPU: training in fp32 (no native bf16: {why}; emulated "
+            f"bf16 would be about {EMULATED_BF16_SLOWDOWN}x slower)"
+        )
+        return None
+    if name == "bfloat16" and not native:
+        logger.warning(
+            f"SOLVER.AMP.DTYPE bfloat16 on a CPU without native bf16 ({why}): expect training "
+            f"to be about {EMULATED_BF16_SLOWDOWN}x slower than fp32; DTYPE auto trains in fp32 "
+            "here"
+        )
+    if name == "float16":
+        logger.info("SOLVER.AMP.DTYPE float16 on CPU: CPU fp16 autocast with a GradScaler")
+    return AMP_DTYPES[name]
+
+
+def freeze_disabled_modules(cfg, model: torch.nn.Module) -> list[str]:
+    """Freeze the trainable parameters of modules the config switches off; returns their names.
+
+    With ``MODEL.SEGCLIP.CFF_ENABLED False`` a model that still builds the CFF module never uses
+    it: DDP (created without ``find_unused_parameters``, which costs a graph walk every step)
+    would fail on the second iteration waiting for its gradients. Frozen, DDP and the optimizer
+    leave them out. A model that does not build the module has nothing to freeze.
+    """
+    disabled = []
+    if not cfg.MODEL.SEGCLIP.CFF_ENABLED:
+        disabled.append("cff")
+    names, modules = [], []
+    for mod_name, module in model.named_modules():
+        if mod_name.split(".")[-1] not in disabled:
+            continue
+        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        for p_name, p in params:
+            p.requires_grad_(False)
+            names.append(f"{mod_name}.{p_name}")
+        if params:
+            modules.append(mod_name)
+    if names:
+        logger.info(
+            f"Switched off by the config, frozen (not trained, no DDP gradient): {len(names)} "
+            f"parameters of {', '.join(modules)}"
+        )
+    return names
 
 
 def has_tensorboard() -> bool:
@@ -64,6 +129,7 @@ class SegCLIPTrainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
         model = self.build_model(cfg)
+        freeze_disabled_modules(cfg, model)  # DDP: no unused trainable parameter
         optimizer = self.build_optimizer(cfg, model)
         self._train_loader = ResumableTrainLoader(
             lambda start_iter: self.build_train_loader(cfg, start_iter)
@@ -79,7 +145,10 @@ class SegCLIPTrainer(DefaultTrainer):
             seed=cfg.SEED,
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = SegCLIPCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self._card_config = card_config_fields(cfg)  # the card's config part, read once
+        self.checkpointer = ModelCardCheckpointer(
+            model, cfg.OUTPUT_DIR, card_fn=self._model_card, trainer=weakref.proxy(self)
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -104,6 +173,22 @@ class SegCLIPTrainer(DefaultTrainer):
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:
             logger.warning("checkpoint has no optimizer state (written by detectron2 0.5?)")
+
+    def _model_card(self, extra: dict) -> dict:
+        """The model card saved in every checkpoint: the latest evaluation metrics of this run
+        (``best_metric`` for model_best.pth) and the iteration."""
+        metrics = {}
+        storage = getattr(self, "storage", None)
+        if storage is not None:
+            for key, (value, it) in storage.latest().items():
+                if key.startswith("sem_seg/"):
+                    metrics[key] = float(value)
+                    metrics["evaluated_at_iteration"] = int(it)
+        if "best_metric" in extra:
+            metrics[f"best {self.cfg.SOLVER.BEST_CHECKPOINT_METRIC}"] = float(extra["best_metric"])
+        return build_model_card(
+            self.cfg, self.model, metrics, extra.get("iteration"), self._card_config
+        )
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -141,7 +226,7 @@ class SegCLIPTrainer(DefaultTrainer):
 
     def build_writers(self):
         writers = [
-            CommonMetricPrinter(self.max_iter),
+            TrainingLogPrinter(self.max_iter),
             LazyJSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
         ]
         if has_tensorboard():
@@ -169,6 +254,9 @@ class SegCLIPTrainer(DefaultTrainer):
                     )
                 )
         if comm.is_main_process():
+            ret.append(
+                CurvesWriter(cfg.OUTPUT_DIR, cfg.TEST.EVAL_PERIOD if len(cfg.DATASETS.TEST) else 0)
+            )
             ret.append(hooks.PeriodicWriter(self.build_writers(), period=20))
         return ret
 
@@ -179,8 +267,9 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def write_color_prediction(cfg, model: torch.nn.Module, dataset_name: str, index: int = 0):
-    """Predict tile ``index`` of ``dataset_name`` and write ``<OUTPUT_DIR>/predictions/
-    <stem>_color.png`` (colours from the dataset facts). Returns the path."""
+    """Predict tile ``index`` of ``dataset_name`` and write, in ``<OUTPUT_DIR>/predictions/``,
+    ``<stem>_color.png`` (the prediction in the dataset's colours) and ``<stem>_panel.png``
+    (image | ground truth | prediction with a legend). Returns the panel's path."""
     import cv2
 
     dicts = DatasetCatalog.get(dataset_name)
@@ -197,13 +286,24 @@ def write_color_prediction(cfg, model: torch.nn.Module, dataset_name: str, index
         model.train(was_training)
     pred = probs.argmax(0).to(torch.uint8).cpu().numpy()  # (H, W)
     meta = MetadataCatalog.get(dataset_name)
-    colors = get_facts(meta.dataset_key).colorize(pred)  # (H, W, 3) RGB
+    facts = get_facts(meta.dataset_key)
     out_dir = os.path.join(cfg.OUTPUT_DIR, "predictions")
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
-    path = os.path.join(out_dir, f"{stem}_color.png")
-    tmp = path + ".tmp.png"
-    if not cv2.imwrite(tmp, np.ascontiguousarray(colors[:, :, ::-1])):
-        raise OSError(f"could not write {tmp}")
-    os.replace(tmp, path)
+    image = inputs["image"].permute(1, 2, 0).cpu().numpy()  # (H, W, 3) RGB
+    gt = inputs["sem_seg"].cpu().numpy() if "sem_seg" in inputs else None
+    if image.shape[:2] != pred.shape:  # the model predicts at the original size
+        image = cv2.resize(image, pred.shape[::-1], interpolation=cv2.INTER_LINEAR)
+        if gt is not None:
+            gt = cv2.resize(gt.astype(np.uint8), pred.shape[::-1], interpolation=cv2.INTER_NEAREST)
+    outputs = {
+        "color": facts.colorize(pred),  # (H, W, 3) RGB
+        "panel": compose_panel(image, gt, pred, facts),
+    }
+    for kind, rgb in outputs.items():
+        path = os.path.join(out_dir, f"{stem}_{kind}.png")
+        tmp = path + ".tmp.png"
+        if not cv2.imwrite(tmp, np.ascontiguousarray(rgb[:, :, ::-1])):
+            raise OSError(f"could not write {tmp}")
+        os.replace(tmp, path)
     return path

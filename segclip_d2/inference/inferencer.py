@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 
 from .precision import autocast_context, check_precision
-from .slide import slide_inference
+from .slide import BLENDS, slide_inference
 from .tta import View, build_views
 
 logger = logging.getLogger(__name__)
@@ -29,10 +29,10 @@ class SegInferencer:
     to ``predict_fn`` is padded bottom/right to a multiple of ``size_divisibility`` with
     ``pad_value`` (the pixel mean, so padding is zero after normalisation) and its output cropped
     back. ``mode="slide"`` runs windows of ``crop_size`` every ``stride`` pixels, ``batch_size``
-    at a time, averaging overlaps; windows shrink to the image where it is smaller than the crop,
-    so a crop covering the image gives exactly the whole-image result. With ``tta_enabled``
-    every view of :func:`~segclip_d2.inference.tta.build_views` goes through the same mode and
-    the mapped-back probabilities are averaged.
+    at a time, blending overlaps with a taper (``blend``); windows shrink to the image where it
+    is smaller than the crop, so a crop covering the image gives exactly the whole-image result.
+    With ``tta_enabled`` every view of :func:`~segclip_d2.inference.tta.build_views` goes
+    through the same mode and the mapped-back probabilities are averaged.
     """
 
     @configurable
@@ -43,6 +43,7 @@ class SegInferencer:
         crop_size: Sequence[int] = (512, 512),
         stride: Sequence[int] = (341, 341),
         batch_size: int = 4,
+        blend: str = "cosine",
         tta_enabled: bool = False,
         tta_flips: Sequence[str] = (),
         tta_rotations: Sequence[int] = (),
@@ -67,6 +68,9 @@ class SegInferencer:
         self.crop_size = crop_size
         self.stride = stride
         self.batch_size = int(batch_size)
+        self.blend = str(blend).lower()
+        if self.blend not in BLENDS:
+            raise ValueError(f"unknown TEST.SLIDE.BLEND {blend!r}; choose one of {BLENDS}")
         self.views: list[View] = (
             build_views(tta_flips, tta_rotations, tta_scales) if tta_enabled else [View()]
         )
@@ -85,6 +89,7 @@ class SegInferencer:
             "crop_size": tuple(cfg.TEST.SLIDE.CROP_SIZE),
             "stride": tuple(cfg.TEST.SLIDE.STRIDE),
             "batch_size": cfg.TEST.SLIDE.BATCH_SIZE,
+            "blend": cfg.TEST.SLIDE.BLEND,
             "tta_enabled": cfg.TEST.TTA.ENABLED,
             "tta_flips": tuple(cfg.TEST.TTA.FLIPS),
             "tta_rotations": tuple(cfg.TEST.TTA.ROTATIONS),
@@ -95,7 +100,11 @@ class SegInferencer:
         }
 
     def __repr__(self) -> str:
-        extra = f", crop={self.crop_size}, stride={self.stride}" if self.mode == "slide" else ""
+        extra = (
+            f", crop={self.crop_size}, stride={self.stride}, blend={self.blend}"
+            if self.mode == "slide"
+            else ""
+        )
         return (
             f"SegInferencer(mode={self.mode}{extra}, views={len(self.views)}, "
             f"precision={self.precision}, size_divisibility={self.size_divisibility})"
@@ -124,7 +133,9 @@ class SegInferencer:
             return self._run_batch(predict_fn, batch)
 
         if self.mode == "slide":
-            return slide_inference(run, image, self.crop_size, self.stride, self.batch_size)
+            return slide_inference(
+                run, image, self.crop_size, self.stride, self.batch_size, self.blend
+            )
         return run(image[None])[0]
 
     def _run_batch(self, predict_fn: PredictFn, batch: torch.Tensor) -> torch.Tensor:

@@ -52,8 +52,24 @@ class InputError(ValueError):
     """An input that cannot be used; the message names the file and the problem."""
 
 
+# Read through rasterio (window by window) besides GeoTIFFs: GDAL virtual mosaics.
+RASTER_EXTS = GEOTIFF_EXTS + (".vrt",)
+
+
+def is_remote(path: str | Path) -> bool:
+    """A GDAL virtual-file path or URL (``/vsicurl/...``, ``s3://...``, ``https://...``)."""
+    p = str(path)
+    return p.startswith("/vsi") or "://" in p
+
+
 def is_geotiff(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in GEOTIFF_EXTS
+    return Path(str(path)).suffix.lower() in GEOTIFF_EXTS
+
+
+def is_raster_path(path: str | Path) -> bool:
+    """Inputs read with rasterio window by window (GeoTIFF, VRT, remote sources); everything
+    else is decoded whole with OpenCV."""
+    return is_remote(path) or Path(str(path)).suffix.lower() in RASTER_EXTS
 
 
 def parse_bands(text: str | None) -> tuple[int, ...] | None:
@@ -227,7 +243,9 @@ class ArraySource:
 
 
 class GeoTiffSource:
-    """A (Geo)TIFF raster read window by window."""
+    """A raster read window by window with rasterio: (Geo)TIFF, VRT mosaic, or any source GDAL
+    opens (``/vsicurl/https://...``, ``s3://bucket/key.tif``; rasterio maps ``s3://`` to
+    ``/vsis3/``)."""
 
     is_geotiff = True
 
@@ -236,7 +254,7 @@ class GeoTiffSource:
         from rasterio.enums import MaskFlags
 
         self.path = str(path)
-        if not os.path.isfile(self.path):
+        if not is_remote(self.path) and not os.path.isfile(self.path):
             raise InputError(f"{self.path}: no such file")
         try:
             self._ds = rasterio.open(self.path)
@@ -338,7 +356,7 @@ class GeoTiffSource:
 
 def open_source(path: str | Path, bands: Sequence[int] | None = None):
     """An :class:`ArraySource` or :class:`GeoTiffSource` for ``path``."""
-    return GeoTiffSource(path, bands) if is_geotiff(path) else ArraySource(path, bands)
+    return GeoTiffSource(path, bands) if is_raster_path(path) else ArraySource(path, bands)
 
 
 # ---------------------------------------------------------------------- atomic writers
@@ -351,12 +369,133 @@ def write_png(path: str | Path, array: np.ndarray) -> None:
             raise OSError(f"{path}: could not be written")
 
 
-class GeoTiffWriter:
-    """A single-band uint8 class-id GeoTIFF written window by window (temp file, then rename).
+class RasterWriter:
+    """A multi-band (Geo)TIFF written window by window to a hidden temp file, renamed into place
+    by :meth:`close` only when everything was written, so an interrupted run leaves no file that
+    looks finished.
 
-    Copies CRS and transform of the source, sets ``nodata_value`` as nodata and writes a colour
-    table (``colors[i]`` for class ``i``; the nodata value is black and transparent).
+    With ``cog=True`` the finished temp raster is converted to a Cloud-Optimized GeoTIFF (GDAL's
+    COG driver: tiled, deflate-compressed, internal overviews resampled with
+    ``overview_resampling``) before the rename; the conversion reads the temp raster block by
+    block, so memory stays flat. ``nbits=16`` stores float32 bands as half floats (float16).
     """
+
+    def __init__(
+        self,
+        path: str | Path,
+        height: int,
+        width: int,
+        crs,
+        transform,
+        count: int = 1,
+        dtype: str = "uint8",
+        nodata=None,
+        descriptions: Sequence[str] | None = None,
+        colormap: dict | None = None,
+        cog: bool = False,
+        overview_resampling: str = "nearest",
+        nbits: int | None = None,
+        block: int = 256,
+    ):
+        self.path = Path(path)
+        self.cog = cog
+        self.overview_resampling = overview_resampling
+        self.nbits = nbits
+        self.block = block
+        self._out = AtomicFile(self.path)
+        self._tmp = self._out.tmp
+        try:
+            self._open(height, width, crs, transform, count, dtype, nodata, descriptions, colormap)
+        except BaseException:  # also SIGTERM's SystemExit: no temp file left behind
+            if getattr(self, "_ds", None) is not None:
+                self._ds.close()
+            self._out.abort()
+            raise
+
+    def _open(self, height, width, crs, transform, count, dtype, nodata, descriptions, colormap):
+        import rasterio
+
+        block = self.block
+        profile = dict(
+            driver="GTiff",
+            height=height,
+            width=width,
+            count=count,
+            dtype=dtype,
+            compress="deflate",
+            interleave="pixel" if count > 1 else "band",
+        )
+        if nodata is not None:
+            profile["nodata"] = nodata
+        if self.nbits is not None:
+            profile["nbits"] = self.nbits
+        if height >= block and width >= block:
+            profile.update(tiled=True, blockxsize=block, blockysize=block)
+        if crs is not None:
+            profile["crs"] = crs
+        if transform is not None:
+            profile["transform"] = transform
+        self._ds = rasterio.open(self._tmp, "w", **profile)
+        if descriptions:
+            for i, d in enumerate(descriptions, start=1):
+                self._ds.set_band_description(i, str(d))
+        if colormap:
+            self._ds.write_colormap(1, colormap)
+
+    def write_bands(self, y: int, x: int, data: np.ndarray) -> None:
+        """Write ``data`` (count, h, w) at row ``y``, column ``x``."""
+        from rasterio.windows import Window
+
+        _, h, w = data.shape
+        self._ds.write(data, window=Window(x, y, w, h))
+
+    def close(self, ok: bool = True) -> None:
+        """Finish (``ok``: after the COG conversion, rename into place) or discard; the final
+        name only ever holds a whole file."""
+        try:
+            self._ds.close()
+            if ok and self.cog:
+                stage = self._tmp.with_name(self._tmp.name + ".stage.tif")
+                os.replace(self._tmp, stage)  # the GTiff; the COG is written under the temp name
+                try:
+                    to_cog(stage, self._tmp, self.overview_resampling, self.nbits, self.block)
+                finally:
+                    stage.unlink(missing_ok=True)
+        except BaseException:
+            self._out.abort()
+            raise
+        if ok:
+            self._out.commit()
+        else:
+            self._out.abort()
+
+
+def to_cog(
+    src: str | Path,
+    dst: str | Path,
+    overview_resampling: str = "nearest",
+    nbits: int | None = None,
+    block: int = 256,
+) -> None:
+    """Copy raster ``src`` to a Cloud-Optimized GeoTIFF ``dst`` (GDAL COG driver)."""
+    import rasterio.shutil
+
+    opts = dict(
+        driver="COG",
+        compress="deflate",
+        blocksize=block,
+        overview_resampling=overview_resampling,
+        num_threads=1,
+    )
+    if nbits is not None:
+        opts["nbits"] = nbits
+    rasterio.shutil.copy(str(src), str(dst), **opts)
+
+
+class GeoTiffWriter(RasterWriter):
+    """The single-band uint8 class-id raster: CRS and transform of the source, ``nodata_value``
+    as nodata and a colour table (``colors[i]`` for class ``i``; nodata black and transparent);
+    COG overviews are nearest-neighbour so they hold real class ids."""
 
     def __init__(
         self,
@@ -368,54 +507,105 @@ class GeoTiffWriter:
         colors: Sequence[Sequence[int]],
         nodata_value: int = 255,
         block: int = 256,
+        cog: bool = False,
     ):
-        import rasterio
-
-        self.path = Path(path)
-        self._out = AtomicFile(self.path)
-        self._tmp = self._out.tmp
-        profile = dict(
-            driver="GTiff",
-            height=height,
-            width=width,
-            count=1,
-            dtype="uint8",
-            nodata=nodata_value,
-            compress="deflate",
-        )
-        if height >= block and width >= block:
-            profile.update(tiled=True, blockxsize=block, blockysize=block)
-        if crs is not None:
-            profile["crs"] = crs
-        if transform is not None:
-            profile["transform"] = transform
-        try:
-            self._ds = rasterio.open(self._tmp, "w", **profile)
-        except BaseException:
-            self._out.abort()
-            raise
         cmap = {i: (*map(int, c), 255) for i, c in enumerate(colors)}
         cmap[nodata_value] = (0, 0, 0, 0)
-        self._ds.write_colormap(1, cmap)
+        super().__init__(
+            path,
+            height,
+            width,
+            crs,
+            transform,
+            nodata=nodata_value,
+            colormap=cmap,
+            cog=cog,
+            overview_resampling="nearest",
+            block=block,
+        )
 
     def write(self, y: int, x: int, ids: np.ndarray) -> None:
-        from rasterio.windows import Window
+        self.write_bands(y, x, ids.astype(np.uint8)[None])
 
-        h, w = ids.shape
-        self._ds.write(ids.astype(np.uint8)[None], window=Window(x, y, w, h))
-
-    def add(self, y: int, x: int, ids: np.ndarray, rgb: np.ndarray) -> None:
+    def add(self, y: int, x: int, ids: np.ndarray, rgb: np.ndarray, probs=None) -> None:
         """Sink interface of :func:`~segclip_d2.inference.pipeline.predict_source`."""
         self.write(y, x, ids)
 
-    def close(self, ok: bool = True) -> None:
-        """Finish the file (``ok``) or discard it; the final name only ever holds a whole file."""
-        try:
-            self._ds.close()
-        except BaseException:
-            self._out.abort()
-            raise
-        if ok:
-            self._out.commit()
-        else:
-            self._out.abort()
+
+PROB_DTYPES = ("uint8", "float")
+
+
+class ProbabilityWriter(RasterWriter):
+    """``K`` bands of class probability, band ``i`` described by ``class_names[i]``.
+
+    ``dtype="uint8"``: probability * 255 rounded (0..255); ``"float"``: float16 (float32 bands
+    stored with 16 bits), NaN where the input has no data. In the uint8 form no-data pixels are 0
+    in every band (the class map's 255 marks them).
+    """
+
+    def __init__(self, path, height, width, crs, transform, class_names, dtype="uint8", cog=False):
+        if dtype not in PROB_DTYPES:
+            raise ValueError(f"--probabilities must be one of {PROB_DTYPES}, got {dtype!r}")
+        self.kind = dtype
+        is_float = dtype == "float"
+        super().__init__(
+            path,
+            height,
+            width,
+            crs,
+            transform,
+            count=len(class_names),
+            dtype="float32" if is_float else "uint8",
+            nodata=float("nan") if is_float else None,
+            descriptions=class_names,
+            cog=cog,
+            overview_resampling="average",
+            nbits=16 if is_float else None,
+        )
+        self.num_classes = len(class_names)
+
+    def _encode(self, values: np.ndarray, invalid: np.ndarray) -> np.ndarray:
+        if self.kind == "float":
+            out = values.astype(np.float32)
+            out[:, invalid] = np.nan
+            return out
+        out = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+        out[:, invalid] = 0
+        return out
+
+    def add(self, y, x, ids, rgb, probs=None) -> None:
+        h, w = ids.shape
+        invalid = ids == 255
+        if probs is None:
+            probs = np.zeros((self.num_classes, h, w), np.float32)
+        if probs.shape != (self.num_classes, h, w):
+            raise ValueError(
+                f"{self.path}: {self.num_classes} class names but probabilities of shape "
+                f"{probs.shape}"
+            )
+        self.write_bands(y, x, self._encode(probs, invalid))
+
+
+class ConfidenceWriter(ProbabilityWriter):
+    """Two bands: top-1 class probability and margin (top-1 minus top-2), same encodings as
+    :class:`ProbabilityWriter`."""
+
+    BANDS = ("top1_probability", "margin_top1_top2")
+
+    def __init__(self, path, height, width, crs, transform, dtype="uint8", cog=False):
+        super().__init__(path, height, width, crs, transform, self.BANDS, dtype, cog)
+
+    def add(self, y, x, ids, rgb, probs=None) -> None:
+        h, w = ids.shape
+        invalid = ids == 255
+        self.write_bands(y, x, self._encode(confidence_bands(probs, (h, w)), invalid))
+
+
+def confidence_bands(probs: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    """(2, h, w) float32: top-1 probability and top-1 minus top-2 of ``probs`` (K, h, w)."""
+    if probs is None:
+        return np.zeros((2, *shape), np.float32)
+    if probs.shape[0] == 1:
+        return np.stack([probs[0], probs[0]]).astype(np.float32)
+    top2 = np.partition(probs, probs.shape[0] - 2, axis=0)[-2:]  # (2, h, w): 2nd, 1st
+    return np.stack([top2[1], top2[1] - top2[0]]).astype(np.float32)

@@ -1,7 +1,12 @@
-"""Sliding-window inference: class probabilities of overlapping windows averaged per pixel.
+"""Sliding-window inference: class probabilities of overlapping windows blended per pixel.
+
+Overlaps are combined with a weight that tapers towards each window's edges (``blend="cosine"`` or
+``"linear"``), so a pixel near one window's border, where that window saw little context, takes
+most of its value from the window that has it near its centre; ``"flat"`` is the plain mean.
+Window edges lying on the image border are not tapered (no other window covers them).
 
 Only K-channel class probabilities of one window batch exist at a time, plus two full-size
-accumulators (the running sum ``(K, H, W)`` and the window count ``(1, H, W)``); per-query masks at
+accumulators (the weighted sum ``(K, H, W)`` and the weight sum ``(1, H, W)``); per-query masks at
 full resolution are never built.
 """
 
@@ -11,28 +16,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .windows import BLENDS, taper_1d, window_starts, window_weight  # noqa: F401
+
 # run_batch(images (B, 3, h, w)) -> (B, K, h, w) float32
 BatchFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def window_starts(size: int, crop: int, stride: int) -> list[int]:
-    """Start offsets of windows of length ``crop`` covering ``[0, size)`` with step ``stride``.
-
-    The last window is shifted back so it ends at the border (never runs past it); a size not
-    larger than the crop gives one window at 0.
-
-    >>> window_starts(1024, 512, 341)
-    [0, 341, 512]
-    """
-    if crop <= 0 or stride <= 0:
-        raise ValueError(f"crop ({crop}) and stride ({stride}) must be positive")
-    if stride > crop:
-        raise ValueError(f"stride {stride} > crop {crop} would leave pixels uncovered")
-    if size <= crop:
-        return [0]
-    starts = list(range(0, size - crop, stride))
-    starts.append(size - crop)
-    return starts
 
 
 def window_boxes(
@@ -53,16 +40,20 @@ def slide_inference(
     crop_size: Sequence[int],
     stride: Sequence[int],
     batch_size: int,
+    blend: str = "flat",
 ) -> torch.Tensor:
     """Class probabilities of ``image`` (3, H, W) by overlapping windows -> (K, H, W) float32.
 
-    Windows run ``batch_size`` at a time through ``run_batch``; each pixel gets the mean of the
-    probabilities of the windows covering it. With a crop covering the whole image this is one
-    call on the whole image, identical to whole-image inference.
+    Windows run ``batch_size`` at a time through ``run_batch``; each pixel gets the weighted mean
+    of the probabilities of the windows covering it, weights tapering (``blend``) over the overlap
+    ``crop - stride`` towards window edges inside the image. With a crop covering the whole image
+    this is one call on the whole image, identical to whole-image inference.
     """
     assert image.dim() == 3, f"expected (3, H, W), got {tuple(image.shape)}"
     _, height, width = image.shape
     boxes = window_boxes(height, width, crop_size, stride)
+    ch, cw = boxes[0][2], boxes[0][3]
+    overlap = (ch - min(int(stride[0]), ch), cw - min(int(stride[1]), cw))
     total = None  # (K, H, W)
     count = torch.zeros((1, height, width), dtype=torch.float32, device=image.device)
     batch_size = max(1, int(batch_size))
@@ -75,6 +66,9 @@ def slide_inference(
                 (probs.shape[1], height, width), dtype=torch.float32, device=image.device
             )
         for (y, x, h, w), p in zip(chunk, probs):
-            total[:, y : y + h, x : x + w] += p
-            count[:, y : y + h, x : x + w] += 1.0
+            wt = torch.from_numpy(window_weight((y, x, h, w), height, width, overlap, blend)).to(
+                p.device
+            )
+            total[:, y : y + h, x : x + w] += p * wt
+            count[:, y : y + h, x : x + w] += wt
     return total / count

@@ -23,6 +23,10 @@ images each computes the same loss (and gradients) as one process with B images:
   ``NO_OBJECT_WEIGHT``), the sum of weights taken over all processes;
 - mask BCE and dice: summed over matched masks and divided by the average number of target
   masks per process (Mask2Former's ``num_masks``).
+
+Everything here (matching, point sampling, the losses and their reductions) runs in float32
+with autocast disabled, as in Mask2Former: under fp16 AMP, sums over thousands of points can pass
+fp16's 65,504. The predictions are cast up; gradients flow back to their reduced precision.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class SetCriterion(nn.Module):
         num_classes: K (the no-object class is index K).
         matcher: assigns predictions to targets.
         class_weight, mask_weight, dice_weight: loss weights.
-        eos_coef: classification weight of the no-object class.
+        no_object_weight: classification weight of the no-object class.
         num_points: points per mask for the BCE and dice losses.
         oversample_ratio, importance_sample_ratio: importance sampling of those points.
         deep_supervision: also apply the losses to ``aux_outputs``.
@@ -77,7 +81,7 @@ class SetCriterion(nn.Module):
         class_weight: float = 2.0,
         mask_weight: float = 5.0,
         dice_weight: float = 5.0,
-        eos_coef: float = 0.1,
+        no_object_weight: float = 0.1,
         num_points: int = 12544,
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
@@ -90,14 +94,14 @@ class SetCriterion(nn.Module):
         self.num_classes = num_classes
         self.matcher = matcher
         self.base_weights = {"ce": class_weight, "mask": mask_weight, "dice": dice_weight}
-        self.eos_coef = eos_coef
+        self.no_object_weight = no_object_weight
         self.num_points = num_points
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
         self.deep_supervision = deep_supervision
         self.guidance_weight = guidance_weight
         empty_weight = torch.ones(num_classes + 1)
-        empty_weight[-1] = eos_coef
+        empty_weight[-1] = no_object_weight
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
     # ------------------------------------------------------------------ normalisation
@@ -109,8 +113,8 @@ class SetCriterion(nn.Module):
         counts = [int(t["labels"].numel()) for t in targets]
         num_masks = sum(counts)
         num_matched = sum(min(num_queries, c) for c in counts)
-        # Sum of CE weights over all queries: matched ones weigh 1, the rest eos_coef.
-        ce_weight = num_matched + self.eos_coef * (bs * num_queries - num_matched)
+        # Sum of CE weights over all queries: matched ones weigh 1, the rest no_object_weight.
+        ce_weight = num_matched + self.no_object_weight * (bs * num_queries - num_matched)
         guidance = outputs.get("guidance")
         num_guided = int(guidance["valid"].sum()) if guidance is not None else 0
         stats = torch.tensor(
@@ -280,8 +284,11 @@ class SetCriterion(nn.Module):
             )
         if len(targets) != pred_logits.shape[0]:
             raise ValueError(f"{pred_logits.shape[0]} images but {len(targets)} targets")
-        norms = self._global_normalizers(outputs, targets, pred_logits.device)
+        with torch.autocast(device_type=pred_logits.device.type, enabled=False):
+            return self._losses(outputs, targets)
 
+    def _losses(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        norms = self._global_normalizers(outputs, targets, outputs["pred_logits"].device)
         losses = self._matched_group(outputs, targets, norms, "")
         if self.deep_supervision:
             for i, aux in enumerate(outputs.get("aux_outputs") or []):
@@ -299,7 +306,7 @@ class SetCriterion(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, weights={self.base_weights}, "
-            f"eos_coef={self.eos_coef}, num_points={self.num_points}, "
+            f"no_object_weight={self.no_object_weight}, num_points={self.num_points}, "
             f"oversample_ratio={self.oversample_ratio}, "
             f"importance_sample_ratio={self.importance_sample_ratio}, "
             f"deep_supervision={self.deep_supervision}, guidance_weight={self.guidance_weight}"
@@ -321,7 +328,7 @@ def build_criterion(cfg, num_classes: int) -> SetCriterion:
         class_weight=loss.CLASS_WEIGHT,
         mask_weight=loss.MASK_WEIGHT,
         dice_weight=loss.DICE_WEIGHT,
-        eos_coef=loss.NO_OBJECT_WEIGHT,
+        no_object_weight=loss.NO_OBJECT_WEIGHT,
         num_points=loss.TRAIN_NUM_POINTS,
         oversample_ratio=loss.OVERSAMPLE_RATIO,
         importance_sample_ratio=loss.IMPORTANCE_SAMPLE_RATIO,

@@ -6,6 +6,10 @@ Cost of assigning prediction ``q`` to target ``t`` (Mask2Former's, computed on p
 
 where ``p_q`` is the softmax class distribution, ``m_q`` the mask logits and ``g_t`` the binary
 target mask, both read at the same ``num_points`` uniformly random points of the image.
+
+The costs are computed in float32 with autocast disabled (as in Mask2Former): under fp16 AMP the
+BCE cost's sum over 12,544 points passes fp16's 65,504 as soon as a confident mask meets a class
+covering about half the image, and the cost would become inf.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ def batch_sigmoid_ce_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of predictions to targets minimising the total cost.
 
+    The default weights are the project's (``MODEL.SEGCLIP.LOSS`` CLASS/MASK/DICE_WEIGHT 2/5/5).
+
     Args:
         cost_class: weight of the class cost (``-p(class)``).
         cost_mask: weight of the mask sigmoid BCE cost.
@@ -50,9 +56,9 @@ class HungarianMatcher(nn.Module):
 
     def __init__(
         self,
-        cost_class: float = 1.0,
-        cost_mask: float = 1.0,
-        cost_dice: float = 1.0,
+        cost_class: float = 2.0,
+        cost_mask: float = 5.0,
+        cost_dice: float = 5.0,
         num_points: int = 12544,
     ):
         super().__init__()
@@ -72,7 +78,7 @@ class HungarianMatcher(nn.Module):
         targets: list[dict],
         point_coords: list[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        """Cost matrices (N, T_i) per image, on CPU as float32.
+        """Cost matrices (N, T_i) per image, on CPU as float32, with autocast off (module doc).
 
         Args:
             outputs: ``pred_logits`` (B, N, K+1) and ``pred_masks`` (B, N, h, w) logits.
@@ -80,6 +86,13 @@ class HungarianMatcher(nn.Module):
             point_coords: optional (P, 2) points (x, y) in [0, 1] per image; drawn uniformly
                 (``num_points`` of them) when omitted.
         """
+        device_type = outputs["pred_logits"].device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._cost_matrices(outputs, targets, point_coords)
+
+    def _cost_matrices(
+        self, outputs: dict, targets: list[dict], point_coords: list[torch.Tensor] | None
+    ) -> list[torch.Tensor]:
         pred_logits = outputs["pred_logits"]  # (B, N, K+1)
         pred_masks = outputs["pred_masks"]  # (B, N, h, w)
         bs, num_queries = pred_logits.shape[:2]

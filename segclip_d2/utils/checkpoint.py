@@ -200,7 +200,12 @@ class InferenceCheckpointer(SegCLIPCheckpointer):
     def load(self, path: str, checkpointables=None):
         self._loading = path
         with explain_weight_fetch_errors(path):
-            return super().load(path, checkpointables)
+            extra = super().load(path, checkpointables)
+        if path:  # the model card's stored text embeddings replace the CLIP text tower
+            from .model_card import CARD_KEY, apply_model_card
+
+            apply_model_card(self.model, (extra or {}).get(CARD_KEY), source=f"checkpoint {path}")
+        return extra
 
     def _log_incompatible_keys(self, incompatible) -> None:
         super()._log_incompatible_keys(incompatible)
@@ -225,3 +230,20 @@ class InferenceCheckpointer(SegCLIPCheckpointer):
             "the checkpoints); a backbone initialisation such as R-50.pkl is for training, not "
             "for evaluation",
         )
+
+
+class ModelCardCheckpointer(SegCLIPCheckpointer):
+    """:class:`SegCLIPCheckpointer` (atomic saves) whose every ``save`` also stores
+    ``card_fn(extra)`` as the checkpoint's model card (``extra``: the keyword data of that save,
+    e.g. ``iteration``)."""
+
+    def __init__(self, model, save_dir="", *, card_fn, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self._card_fn = card_fn
+
+    def save(self, name: str, **kwargs) -> None:
+        from .model_card import CARD_KEY
+
+        if self.save_dir and self.save_to_disk:
+            kwargs.setdefault(CARD_KEY, self._card_fn(dict(kwargs)))
+        super().save(name, **kwargs)

@@ -25,6 +25,8 @@ eval mode. They are shared: callers must not modify them (copy what you train).
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import logging
 import os
 import socket
@@ -59,7 +61,7 @@ class _Resolution:
     hub_file: str = ""  # where the tag's weights live on the hub (for messages)
 
 
-_MODELS: dict[tuple[str, str | None, bool], nn.Module] = {}
+_MODELS: dict[tuple[str, str | None, bool, bool], nn.Module] = {}
 _RESOLVED: dict[tuple[str, str], _Resolution] = {}
 _WARNED: set[tuple[str, str, str]] = set()
 _LOCK = threading.RLock()
@@ -201,14 +203,8 @@ def resolve_pretrained(model_name: str, pretrained: str) -> _Resolution:
     local = os.path.expanduser(pretrained)
     if os.path.isfile(local):
         return _Resolution(path=local, quick_gelu=is_torchscript_archive(local))
+    check_pretrained_value(model_name, pretrained)
     tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
-    if not tag_cfg:
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise PretrainedWeightsError(
-            f"pretrained={pretrained!r} for open_clip model '{model_name}' is neither an existing "
-            f"file nor a known pretrained tag (tags of this model: {tags or 'none'}). Give the "
-            f"path of a checkpoint file, a tag, or '' for random initialisation."
-        )
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
     repo_id, candidates = _hub_location(tag_cfg)
     hub_file = f"{repo_id}/{candidates[-1]}" if repo_id else tag_cfg.get("url", "")
@@ -282,6 +278,57 @@ def _missing_message(
     )
 
 
+def without_visual_tower(model: nn.Module) -> nn.Module:
+    """A shallow copy of an open_clip CLIP model that no longer references its image tower
+    (shares every text-side parameter with ``model``)."""
+    trimmed = copy.copy(model)
+    trimmed._modules = {k: v for k, v in model._modules.items() if k != "visual"}
+    trimmed._parameters = dict(model._parameters)
+    trimmed._buffers = dict(model._buffers)
+    return trimmed
+
+
+@functools.lru_cache(maxsize=8)
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file (cached per path for the process: weights files do not change)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_pretrained_value(model_name: str, pretrained: str) -> None:
+    """Cheap validation of a ``pretrained`` value without loading or downloading anything:
+    a path-like value must exist and a tag must be one of ``model_name``'s. Raises
+    :class:`PretrainedWeightsError` otherwise."""
+    import open_clip
+
+    pretrained = (pretrained or "").strip()
+    if not pretrained or os.path.isfile(os.path.expanduser(pretrained)):
+        return
+    if not open_clip.get_pretrained_cfg(model_name, pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise PretrainedWeightsError(
+            f"pretrained={pretrained!r} for open_clip model '{model_name}' is neither an existing "
+            f"file nor a known pretrained tag (tags of this model: {tags or 'none'}). Give the "
+            f"path of a checkpoint file, a tag, or '' for random initialisation."
+        )
+
+
+def embed_dim_of(model_name: str) -> int:
+    """D, the joint embedding width of open_clip model ``model_name``, from its config (no
+    weights are built)."""
+    import open_clip
+
+    model_cfg = open_clip.get_model_config(model_name)
+    if model_cfg is None:
+        raise ValueError(
+            f"unknown open_clip model name '{model_name}' (known: {open_clip.list_models()})"
+        )
+    return int(model_cfg["embed_dim"])
+
+
 def load_open_clip_model(
     model_name: str,
     pretrained: str,
@@ -290,6 +337,7 @@ def load_open_clip_model(
     user: str = "model",
     config_key: str = "PRETRAINED",
     require_key: str = "REQUIRE_PRETRAINED",
+    text_only: bool = False,
 ) -> tuple[nn.Module, str | None]:
     """Build (or reuse) a frozen, eval-mode open_clip CLIP model with the requested weights.
 
@@ -300,6 +348,8 @@ def load_open_clip_model(
             back to random initialisation when a tag's weights cannot be found.
         user, config_key, require_key: named in messages ("text encoder",
             "MODEL.SEGCLIP.TEXT.PRETRAINED", "MODEL.SEGCLIP.TEXT.REQUIRE_PRETRAINED").
+        text_only: return the model without its image tower. The full model is then not kept
+            (unless another caller already built it): only the text side stays in memory.
 
     Returns:
         (model, path of the loaded weights or None for random init). The model is shared by every
@@ -325,14 +375,22 @@ def load_open_clip_model(
         # Random init (requested or as fallback) is always the same model: a run that fell back
         # to it can be evaluated with pretrained="" and gets identical frozen text embeddings.
         quick_gelu = res.quick_gelu if res.path is not None else False
-        model_key = (model_name, res.path, quick_gelu)
+        model_key = (model_name, res.path, quick_gelu, text_only)
         model = _MODELS.get(model_key)
         if model is None:
-            model = _build_architecture(model_name, quick_gelu)
-            if res.path is not None:
-                _load_checkpoint(model, res.path, model_name)
-                logger.info(f"Loaded open_clip '{model_name}' weights from {res.path}")
-            model.eval()
-            model.requires_grad_(False)
+            full = _MODELS.get((model_name, res.path, quick_gelu, False))
+            if full is None:
+                # Random init builds the image tower too (it draws from the seeded RNG first, so
+                # the text weights stay those of the full model); it is dropped right after.
+                full = _build_architecture(model_name, quick_gelu)
+                if res.path is not None:
+                    _load_checkpoint(full, res.path, model_name)
+                    logger.info(f"Loaded open_clip '{model_name}' weights from {res.path}")
+                full.eval()
+                full.requires_grad_(False)
+                if not text_only:
+                    _MODELS[model_key] = full
+            model = without_visual_tower(full) if text_only else full
+            del full
             _MODELS[model_key] = model
     return model, res.path

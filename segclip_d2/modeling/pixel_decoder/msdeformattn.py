@@ -61,11 +61,12 @@ class MSDeformAttnEncoderLayer(nn.Module):
         src: torch.Tensor,
         pos: torch.Tensor,
         reference_points: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        level_start_index: torch.Tensor | None,
         padding_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """src, pos: (B, S, C); reference_points: (B, S, L, 2); padding_mask: (B, S) or None."""
+        """src, pos: (B, S, C); reference_points: (B, S, L, 2); spatial_shapes: [(H_l, W_l)];
+        padding_mask: (B, S) or None."""
         value = self.self_attn.project_value(src, spatial_shapes, padding_mask)
         return self.attend_and_ffn(
             src, pos, reference_points, value, spatial_shapes, level_start_index
@@ -178,24 +179,19 @@ class MSDeformAttnEncoder(nn.Module):
             1,
         )  # (B, S, C)
         mask_flat = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)
-        level_start_index = torch.cat(
-            (
-                spatial_shapes.new_zeros(1),
-                (spatial_shapes[:, 0] * spatial_shapes[:, 1]).cumsum(0)[:-1],
-            )
-        )
         valid_ratios = torch.stack([self.valid_ratios(m) for m in masks], 1)  # (B, L, 2)
         reference_points = self.reference_points(shapes, valid_ratios, src_flat.device)
         # the parameters' dtype, not autocast's: bf16 positions would be off by ~1/256
         reference_points = reference_points.to(self.level_embed.dtype)
-        padding_mask = mask_flat if bool(mask_flat.any()) else None
+        # skipping an all-False mask saves a pass per layer; a traced graph (torch.compile,
+        # torch.export) keeps the mask, as it cannot branch on tensor values
+        traced = torch.compiler.is_compiling()
+        padding_mask = mask_flat if traced or bool(mask_flat.any()) else None
 
         out = src_flat
         for layer in self.layers:
-            out = layer(
-                out, pos_flat, reference_points, spatial_shapes, level_start_index, padding_mask
-            )
+            # the level sizes as integers: the op takes them so, and tracing needs no tensor reads
+            out = layer(out, pos_flat, reference_points, shapes, None, padding_mask)
         return out, shapes
 
 

@@ -1,0 +1,238 @@
+"""ONNX export of a trained SegCLIP model, for onnxruntime and the Deepness QGIS plugin.
+
+The exported graph maps one batch of normalised tiles to class probabilities:
+
+* input ``image``: ``(B, 3, S, S)`` float32, RGB, ``(pixel / 255 - mean) / std`` with the
+  ``standardization_mean`` / ``standardization_std`` of the metadata (0-1 scale; the same as
+  ``(pixel - PIXEL_MEAN) / PIXEL_STD`` on the 0..255 scale). B is dynamic, S static (Deepness
+  reads the tile size from the input shape);
+* output ``probs``: ``(B, K, S, S)`` float32 class probabilities summing to 1 over K.
+
+The output is at the input resolution S, not the stride-4 mask resolution: Deepness pastes an
+output smaller than the tile as a centred crop (it does not resize), and the upsampling inside
+the graph is cheap next to the network (K channels, done once), so every consumer gets
+pixel-aligned probabilities without a resize step of its own. Inside, the graph is the model's
+own "low" post-processing: classes and masks are combined at stride 4, upsampled, the most
+ambiguous pixels recomputed from full-resolution mask logits, and the scores divided by their
+sum over K (argmax unchanged).
+
+Only standard ONNX operators are used: the deformable attention runs through its
+``grid_sample`` reference form (``GridSample``, opset >= 16), no custom op library. Every float
+in the graph is float32 (:func:`float64_tensors` checks it: a float64 grid makes onnxruntime's
+GridSample fail).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 16  # GridSample
+INPUT_NAME = "image"
+OUTPUT_NAME = "probs"
+# Deepness defaults written into the metadata (the user can change them in the plugin).
+DEFAULT_TILES_OVERLAP_PERCENT = 15
+DEFAULT_SEG_THRESH = 0.5
+DEFAULT_SEG_SMALL_SEGMENT = 7
+
+
+@contextlib.contextmanager
+def export_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model as the exporter must see it: standard PyTorch operations only.
+
+    This is the one place that switches the CPU execution tricks off while tracing:
+
+    * every ``MSDeformAttn`` uses the ``grid_sample`` reference (``impl="pytorch"``), not the
+      compiled op;
+    * the model runs in eval mode with autograd *enabled* (parameters frozen): the inference-only
+      routes that the modules take under ``no_grad`` (oneDNN linear layers, FrozenBN folding,
+      chunked encoder layers, in-place residual adds, shared decoder keys) stay off, so the
+      traced graph is the plain network.
+
+    Everything is restored on exit.
+    """
+    from segclip_d2.layers.ms_deform_attn import MSDeformAttn
+
+    impls = [(m, m.impl) for m in model.modules() if isinstance(m, MSDeformAttn)]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        for m, _ in impls:
+            m.impl = "pytorch"
+        for p, _ in grads:
+            p.requires_grad_(False)
+        model.eval()
+        with torch.enable_grad():
+            yield model
+    finally:
+        for m, impl in impls:
+            m.impl = impl
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+class SegCLIPProbabilities(nn.Module):
+    """``(B, 3, S, S)`` normalised tiles -> ``(B, K, S, S)`` probabilities summing to 1.
+
+    The class text embeddings of the current vocabulary are frozen into the module (a buffer),
+    so the graph holds no text encoder.
+    """
+
+    def __init__(self, model: nn.Module, tile_size: int):
+        super().__init__()
+        d = int(model.size_divisibility)
+        if tile_size <= 0 or (d > 1 and tile_size % d):
+            raise ValueError(
+                f"tile size {tile_size} must be a positive multiple of the model's size "
+                f"divisibility {d} (e.g. {max(d, 1) * 16})"
+            )
+        self.model = model
+        self.tile_size = int(tile_size)
+        with torch.no_grad():
+            emb = model.text_embeddings().detach().float().clone()  # (K, D)
+        self.register_buffer("text_embeddings", emb, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        size = (self.tile_size, self.tile_size)
+        features = m.backbone(x)
+        mask_features, multi_scale = m.pixel_decoder(features)
+        out = m.predictor(multi_scale, mask_features, self.text_embeddings)
+        cls = out["pred_logits"].float().softmax(-1)[..., :-1]  # (B, N, K)
+        masks = out["pred_masks"].float()  # (B, N, S/4, S/4)
+        probs = torch.einsum("bqk,bqhw->bkhw", cls, masks.sigmoid())
+        probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+        probs = m._refine_ambiguous(probs, cls, masks, size)  # (B, K, S, S)
+        return probs / probs.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def normalise(images: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """(B, 3, H, W) RGB 0..255 -> the exported graph's input."""
+    return (images.float() - model.pixel_mean.cpu()) / model.pixel_std.cpu()
+
+
+def deepness_metadata(card: dict, tile_size: int, class_names: list[str]) -> dict[str, str]:
+    """The ``metadata_props`` of the exported file, every value JSON-encoded."""
+    inp = card["input"]
+    gsd = (card.get("training") or {}).get("gsd_m")
+    meta = {
+        "model_type": "Segmentor",
+        "class_names": {str(i): name for i, name in enumerate(class_names)},
+        "tile_size": int(tile_size),
+        "tiles_size": int(tile_size),
+        "tiles_overlap": DEFAULT_TILES_OVERLAP_PERCENT,
+        "standardization_mean": [round(v / 255.0, 8) for v in inp["pixel_mean"]],
+        "standardization_std": [round(v / 255.0, 8) for v in inp["pixel_std"]],
+        "seg_thresh": DEFAULT_SEG_THRESH,
+        "seg_small_segment": DEFAULT_SEG_SMALL_SEGMENT,
+        "segclip_model_card": card,
+    }
+    if gsd:
+        meta["resolution"] = round(float(gsd) * 100.0, 6)  # cm/px
+    return {k: json.dumps(v, separators=(",", ":")) for k, v in meta.items()}
+
+
+def float64_tensors(onnx_model) -> list[str]:
+    """Names of float64 initializers, constants and casts in the graph (must be none)."""
+    from onnx import TensorProto
+
+    bad = [t.name for t in onnx_model.graph.initializer if t.data_type == TensorProto.DOUBLE]
+    for node in onnx_model.graph.node:
+        for attr in node.attribute:
+            if attr.name == "value" and attr.t.data_type == TensorProto.DOUBLE:
+                bad.append(node.name or node.op_type)
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.DOUBLE:
+                bad.append(node.name or "Cast")
+    for value in list(onnx_model.graph.value_info) + list(onnx_model.graph.output):
+        if value.type.tensor_type.elem_type == TensorProto.DOUBLE:
+            bad.append(value.name)
+    return bad
+
+
+def nonstandard_ops(onnx_model) -> list[str]:
+    """Operators outside the default ONNX domain (a custom op library would be needed)."""
+    return sorted(
+        {
+            f"{n.domain}::{n.op_type}"
+            for n in onnx_model.graph.node
+            if n.domain not in ("", "ai.onnx")
+        }
+    )
+
+
+def export_onnx(
+    model: nn.Module,
+    card: dict,
+    tile_size: int,
+    output: str,
+    opset: int = DEFAULT_OPSET,
+) -> dict[str, str]:
+    """Trace ``model`` (its current vocabulary) into ``output``; check it and add the metadata.
+
+    Returns the metadata written. Raises ValueError for an unsupported opset or tile size, and
+    RuntimeError when the exported graph breaks the contract (float64, non-standard ops).
+    """
+    import onnx
+
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} has no GridSample; use --opset {MIN_OPSET} or later")
+    head = SegCLIPProbabilities(model, tile_size)
+    dummy = torch.zeros(1, 3, tile_size, tile_size)
+    with export_mode(model), warnings.catch_warnings():
+        # the tracer warns about every Python int it bakes in: S is static by design
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        head.eval()
+        torch.onnx.export(
+            head,
+            (dummy,),
+            output,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    onnx_model = onnx.load(output)
+    # The tracer leaves the output's K, S, S symbolic; Deepness reads K from the output shape and
+    # checks that it is square, so they are written down.
+    dims = onnx_model.graph.output[0].type.tensor_type.shape.dim
+    dims[0].dim_param = "batch"
+    for dim, value in zip(dims[1:], (model.vocabulary_size, tile_size, tile_size)):
+        dim.dim_value = int(value)
+    onnx.checker.check_model(onnx_model)
+    doubles = float64_tensors(onnx_model)
+    if doubles:
+        raise RuntimeError(f"{output}: the graph has float64 tensors: {doubles[:10]}")
+    custom = nonstandard_ops(onnx_model)
+    if custom:
+        raise RuntimeError(f"{output}: the graph uses non-standard operators: {custom}")
+    meta = deepness_metadata(card, tile_size, list(model.class_names))
+    del onnx_model.metadata_props[:]
+    for key, value in meta.items():
+        entry = onnx_model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx_model.producer_name = "segclip-d2"
+    onnx_model.doc_string = "SegCLIP semantic segmentation; see metadata segclip_model_card"
+    onnx.save(onnx_model, output)
+    onnx.checker.check_model(onnx.load(output))  # reload: what was written is valid
+    return meta
+
+
+@torch.no_grad()
+def pytorch_probabilities(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The PyTorch fp32 reference of the exported graph on (B, 3, S, S) RGB 0..255 tiles: the
+    model's own ``predict_sem_seg_probs`` (its fast CPU path), normalised over K."""
+    probs = model.predict_sem_seg_probs(images.float())
+    return probs / probs.sum(1, keepdim=True).clamp_min(1e-12)

@@ -1,0 +1,303 @@
+"""Self-describing checkpoints (model card), inference from stored text embeddings, ONNX export
+with its round trip, and the torch-free ``demo/demo.py --onnx`` path."""
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+import segclip_d2.modeling.meta_arch  # noqa: F401
+from segclip_d2 import add_segclip_config
+from segclip_d2.utils import weights
+from segclip_d2.utils.checkpoint import InferenceCheckpointer, ModelCardCheckpointer
+from segclip_d2.utils.model_card import CARD_KEY, build_model_card
+
+REPO = Path(__file__).resolve().parents[1]
+TILE = 64
+TINY = [
+    "MODEL.SEGCLIP.NUM_QUERIES", "10",
+    "MODEL.SEGCLIP.HIDDEN_DIM", "32",
+    "MODEL.SEGCLIP.NHEADS", "2",
+    "MODEL.SEGCLIP.DIM_FEEDFORWARD", "64",
+    "MODEL.SEGCLIP.DEC_LAYERS", "2",
+    "MODEL.SEGCLIP.MASK_DIM", "32",
+    "MODEL.SEGCLIP.PIXEL_DECODER.CONVS_DIM", "32",
+    "MODEL.SEGCLIP.PIXEL_DECODER.ENC_LAYERS", "1",
+    "MODEL.SEGCLIP.PIXEL_DECODER.DIM_FEEDFORWARD", "64",
+    "INPUT.CROP.SIZE", "(64, 64)",
+    "INPUT.GSD_M", "0.3",
+]  # fmt: skip
+
+
+def tiny_cfg(*opts):
+    cfg = add_segclip_config(get_cfg())
+    cfg.merge_from_file(str(REPO / "configs" / "synthetic" / "segclip_cpu.yaml"))
+    cfg.merge_from_list(TINY + list(opts))
+    return cfg
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def real_crop(shared_data: Path, size: int) -> np.ndarray:
+    """A ``size`` x ``size`` BGR crop of a real LoveDA tile (buildings, roads and fields)."""
+    tile = cv2.imread(str(shared_data / "loveda" / "images" / "0.png"))
+    assert tile is not None
+    return np.ascontiguousarray(tile[300 : 300 + size, 200 : 200 + size])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model (random init, text encoder random init) saved by the training
+    checkpointer with its card, and the model's own predictions."""
+    out = tmp_path_factory.mktemp("ckpt")
+    cfg = tiny_cfg("OUTPUT_DIR", str(out), "MODEL.SEGCLIP.TEXT.PRETRAINED", "")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    metrics = {"sem_seg/mIoU": 42.5}
+    ckpt = ModelCardCheckpointer(
+        model, str(out), card_fn=lambda extra: build_model_card(cfg, model, metrics, 3)
+    )
+    ckpt.save("model_final", iteration=3)
+    (out / "config.yaml").write_text(cfg.dump())
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64))).float()
+    with torch.no_grad():
+        probs = model.predict_sem_seg_probs(images)
+    return {"dir": out, "path": out / "model_final.pth", "cfg": cfg, "model": model,
+            "images": images, "probs": probs}  # fmt: skip
+
+
+def test_checkpoint_carries_the_model_card(trained):
+    card = torch.load(trained["path"], map_location="cpu", weights_only=False)[CARD_KEY]
+    model = trained["model"]
+    assert card["class_names"] == model.class_names and len(card["colors"]) == 7
+    assert card["prompts"][2] == "a photo with a road"
+    assert card["prompt_template"] == "a photo with a {}"
+    emb = torch.tensor(card["text_embeddings"])
+    assert emb.shape == (7, 1024) and torch.equal(emb, model.text_embeddings())
+    assert card["text_encoder"]["open_clip_model"] == "RN50"
+    assert card["text_encoder"]["random_init"] is True
+    assert card["input"]["pixel_mean"] == [123.675, 116.28, 103.53]
+    assert card["training"] == {
+        "datasets": ["synthetic_aerial_train"], "crop_size": [64, 64], "gsd_m": 0.3, "iteration": 3
+    }  # fmt: skip
+    assert card["metrics"] == {"sem_seg/mIoU": 42.5}
+    assert "NUM_QUERIES: 10" in card["config"] and card["project_version"]
+    json.dumps(card)  # JSON types only (the ONNX export embeds it)
+
+
+def test_model_card_tool_prints_the_card_and_rejects_bad_files(trained, tmp_path, capsys):
+    tool = load_tool("model_card")
+    assert tool.run_main(tool.main, [str(trained["path"])]) == 0
+    text = capsys.readouterr().out
+    for expected in ("synthetic_aerial_train", "0.3 m/px (30 cm/px)", "64x64", "road",
+                     "#ff0000", "sem_seg/mIoU: 42.5000", "7 x 1024 stored"):  # fmt: skip
+        assert expected in text, expected
+    assert tool.run_main(tool.main, [str(tmp_path / "missing.pth")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "missing.pth" in err[0]
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    assert tool.run_main(tool.main, [str(bad)]) == 2
+    assert "bad.pth: cannot be read" in capsys.readouterr().err
+
+
+def test_offline_evaluation_with_required_openai_weights_uses_the_stored_embeddings(
+    trained, tmp_path, monkeypatch
+):
+    """No CLIP weights anywhere, REQUIRE_PRETRAINED True: the checkpoint alone predicts, exactly
+    as the process that trained it."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(weights, "_RESOLVED", {})
+    cfg = tiny_cfg(
+        *(
+            "MODEL.SEGCLIP.TEXT.PRETRAINED",
+            "openai",
+            "MODEL.SEGCLIP.TEXT.REQUIRE_PRETRAINED",
+            "True",
+        )
+    )
+    model = build_model(cfg).eval()
+    InferenceCheckpointer(model).load(str(trained["path"]))
+    with torch.no_grad():
+        probs = model.predict_sem_seg_probs(trained["images"])
+    assert torch.equal(probs, trained["probs"])
+    assert not model.text_encoder.loaded  # CLIP was never needed
+    # Without the card the same setup must fail: the weights are required and missing.
+    bare = build_model(cfg).eval()
+    state = torch.load(trained["path"], map_location="cpu", weights_only=False)
+    del state[CARD_KEY]
+    torch.save(state, tmp_path / "nocard.pth")
+    InferenceCheckpointer(bare).load(str(tmp_path / "nocard.pth"))
+    with pytest.raises(weights.PretrainedWeightsError, match="offline"):
+        bare.predict_sem_seg_probs(trained["images"])
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory, shared_data):
+    """tools/export_onnx.py on the tiny checkpoint, verified on a real LoveDA crop."""
+    tmp = tmp_path_factory.mktemp("onnx")
+    crop = tmp / "crop.png"
+    cv2.imwrite(str(crop), real_crop(shared_data, TILE))
+    out = tmp / "model.onnx"
+    tool = load_tool("export_onnx")
+    argv = ["--config-file", str(trained["dir"] / "config.yaml"), "--weights",
+            str(trained["path"]), "--tile-size", str(TILE), "--output", str(out),
+            "--verify-image", str(crop)]  # fmt: skip
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = tool.run_main(tool.main, argv)
+    return {"tool": tool, "argv": argv, "path": out, "crop": crop, "tmp": tmp, "code": code,
+            "stdout": printed.getvalue()}  # fmt: skip
+
+
+def test_export_round_trip_on_a_real_loveda_crop(exported):
+    assert exported["code"] == 0, exported["stdout"]
+    lines = exported["stdout"].splitlines()
+    line = next(x for x in lines if x.startswith("round trip on"))
+    agreement = float(line.split("top-1 agreement ")[1].split("%")[0])
+    assert agreement >= 99.9, line
+    assert "crop.png" in line and exported["path"].is_file()
+
+
+def test_exported_file_meets_the_deepness_contract(exported, trained):
+    import onnx
+    import onnxruntime as ort
+
+    from segclip_d2.deploy.export import float64_tensors, nonstandard_ops
+
+    path = exported["path"]
+    assert exported["code"] == 0, exported["stdout"]
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert float64_tensors(model) == [] and nonstandard_ops(model) == []
+    assert "GridSample" in {n.op_type for n in model.graph.node}
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+    for key in ("model_type", "class_names", "resolution", "tile_size", "tiles_size",
+                "tiles_overlap", "standardization_mean", "standardization_std", "seg_thresh",
+                "seg_small_segment", "segclip_model_card"):  # fmt: skip
+        assert key in meta, key
+    assert meta["model_type"] == "Segmentor"
+    assert meta["class_names"] == {str(i): n for i, n in enumerate(trained["model"].class_names)}
+    assert meta["resolution"] == pytest.approx(30.0)
+    assert meta["tile_size"] == meta["tiles_size"] == TILE
+    assert meta["standardization_mean"] == pytest.approx([0.485, 0.456, 0.406], abs=1e-6)
+    assert meta["segclip_model_card"]["training"]["gsd_m"] == 0.3
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (inp,), (outp,) = sess.get_inputs(), sess.get_outputs()
+    assert inp.shape[1:] == [3, TILE, TILE] and not isinstance(inp.shape[0], int)
+    assert inp.type == "tensor(float)"
+    x = np.random.default_rng(1).standard_normal((3, 3, TILE, TILE)).astype(np.float32)
+    probs = sess.run(None, {inp.name: x})[0]
+    assert probs.shape == (3, 7, TILE, TILE) and outp.shape[1:] == [7, TILE, TILE]
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert probs.min() >= 0
+
+
+def test_export_fails_loudly_when_the_round_trip_disagrees(exported, capsys):
+    tool = exported["tool"]
+    out = exported["tmp"] / "strict.onnx"
+    argv = [a if a != str(exported["path"]) else str(out) for a in exported["argv"]]
+    assert tool.run_main(tool.main, argv + ["--min-agreement", "100.1"]) == 1
+    assert "VERIFICATION FAILED" in capsys.readouterr().err
+    assert not out.exists() and not Path(str(out) + ".tmp.onnx").exists()
+    assert tool.run_main(tool.main, argv[:3] + ["missing.pth"] + argv[4:]) == 2
+
+
+BLOCKER = '''
+import sys
+
+class _NoTorch:
+    """Importing torch / detectron2 raises, as on a machine where they are not installed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "detectron2"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+        return None
+
+sys.meta_path.insert(0, _NoTorch())
+'''
+
+
+def test_demo_onnx_runs_without_torch(exported, tmp_path):
+    from test_demo import write_geotiff
+
+    path = exported["path"]
+    assert exported["code"] == 0, exported["stdout"]
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(REPO)]))
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True)
+    assert probe.returncode != 0 and b"blocked" in probe.stderr  # the blocker works
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    crop = cv2.imread(str(exported["crop"]))
+    cv2.imwrite(str(inputs / "tile.png"), np.concatenate([crop, crop[:, :40]], 1))  # 64 x 104
+    transform = write_geotiff(inputs / "scene.tif", height=80, width=70)
+    out = tmp_path / "out"
+    code = (
+        "import sys, runpy; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(REPO / "demo" / "demo.py"),
+            "--onnx",
+            str(path),
+            "--input",
+            str(inputs),
+            "--output",
+            str(out),
+            "--no-progress",
+            "--block-size",
+            "64",
+            "--block-margin",
+            "8",
+        ],  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "torch" not in run.stderr.replace("without torch", "")
+    for name in ("tile_pred.png", "tile_color.png", "tile_overlay.png", "scene_pred.tif",
+                 "scene_color.png", "scene_overlay.png", "legend.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+    ids = cv2.imread(str(out / "tile_pred.png"), cv2.IMREAD_UNCHANGED)
+    assert ids.shape == (64, 104) and ids.max() < 7
+    import rasterio
+
+    with rasterio.open(out / "scene_pred.tif") as ds:
+        assert ds.crs.to_epsg() == 32633 and ds.transform == transform and ds.nodata == 255
+        pred = ds.read(1)
+    assert (pred[:10] == 255).all() and (pred[10:] < 7).all()
+    # Same ids as the in-process predictor on the same image (the whole image is one block)
+    from segclip_d2.deploy.onnx_predictor import OnnxSegmenter
+
+    seg = OnnxSegmenter(str(path))
+    rgb = cv2.imread(str(inputs / "tile.png"))[:, :, ::-1]
+    np.testing.assert_array_equal(ids[:, :64], seg(rgb, np.ones(rgb.shape[:2], bool))[0][:, :64])
