@@ -16,6 +16,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from test_train import TINY_MODEL_OPTS
 
 import segclip_d2.modeling.meta_arch  # noqa: F401
 from segclip_d2 import add_segclip_config
@@ -25,19 +26,7 @@ from segclip_d2.utils.model_card import CARD_KEY, build_model_card
 
 REPO = Path(__file__).resolve().parents[1]
 TILE = 64
-TINY = [
-    "MODEL.SEGCLIP.NUM_QUERIES", "10",
-    "MODEL.SEGCLIP.HIDDEN_DIM", "32",
-    "MODEL.SEGCLIP.NHEADS", "2",
-    "MODEL.SEGCLIP.DIM_FEEDFORWARD", "64",
-    "MODEL.SEGCLIP.DEC_LAYERS", "2",
-    "MODEL.SEGCLIP.MASK_DIM", "32",
-    "MODEL.SEGCLIP.PIXEL_DECODER.CONVS_DIM", "32",
-    "MODEL.SEGCLIP.PIXEL_DECODER.ENC_LAYERS", "1",
-    "MODEL.SEGCLIP.PIXEL_DECODER.DIM_FEEDFORWARD", "64",
-    "INPUT.CROP.SIZE", "(64, 64)",
-    "INPUT.GSD_M", "0.3",
-]  # fmt: skip
+TINY = TINY_MODEL_OPTS + ["INPUT.CROP.SIZE", "(64, 64)", "INPUT.GSD_M", "0.3"]
 
 
 def tiny_cfg(*opts):

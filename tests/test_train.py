@@ -26,7 +26,8 @@ from segclip_d2.engine.optimizer import get_param_groups
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # train_net.py lives at the repo root
 
-TINY_OPTS = [
+# The tiny model (hidden size 32, one encoder layer); test_deploy.py uses it too.
+TINY_MODEL_OPTS = [
     "MODEL.SEGCLIP.NUM_QUERIES", "10",
     "MODEL.SEGCLIP.HIDDEN_DIM", "32",
     "MODEL.SEGCLIP.NHEADS", "2",
@@ -36,6 +37,9 @@ TINY_OPTS = [
     "MODEL.SEGCLIP.PIXEL_DECODER.CONVS_DIM", "32",
     "MODEL.SEGCLIP.PIXEL_DECODER.ENC_LAYERS", "1",
     "MODEL.SEGCLIP.PIXEL_DECODER.DIM_FEEDFORWARD", "64",
+]  # fmt: skip
+
+TINY_OPTS = TINY_MODEL_OPTS + [
     "MODEL.SEGCLIP.LOSS.TRAIN_NUM_POINTS", "256",
     "INPUT.CROP.SIZE", "(64, 64)",
     "INPUT.RESIZE_SCALE", "(1.0, 1.0)",
