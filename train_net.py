@@ -50,6 +50,7 @@ from segclip_d2.errors import (
     load_config,
     run_main,
 )
+from segclip_d2.inference.optimize import optimize_for_inference
 from segclip_d2.utils.checkpoint import InferenceCheckpointer
 
 logger = logging.getLogger("segclip_d2.train_net")
@@ -166,6 +167,7 @@ def main(args):
         InferenceCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
+        model = optimize_for_inference(model.eval(), cfg.MODEL.DEVICE, cfg.TEST.PRECISION)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)

@@ -180,6 +180,7 @@ def build_predictor(cfg):
     import segclip_d2.modeling.meta_arch  # noqa: F401  (SegCLIP)
     from segclip_d2.errors import check_weights_file
     from segclip_d2.inference import SegInferencer
+    from segclip_d2.inference.optimize import optimize_for_inference
     from segclip_d2.utils.checkpoint import InferenceCheckpointer
 
     check_weights_file(cfg.MODEL.WEIGHTS, "--opts MODEL.WEIGHTS")
@@ -190,6 +191,7 @@ def build_predictor(cfg):
         InferenceCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     else:
         logger.warning("MODEL.WEIGHTS is empty: the model is randomly initialised")
+    model = optimize_for_inference(model, cfg.MODEL.DEVICE, cfg.TEST.PRECISION)
     inferencer = getattr(model, "inferencer", None) or SegInferencer(cfg)
     return model, inferencer
 

@@ -3,11 +3,17 @@
 
 from detectron2.config import CfgNode as CN
 
+# The paper's prompt; "{}" is replaced by the cleaned class name.
+PROMPT_TEMPLATE = "a photo with a {}"
+
 
 def add_segclip_config(cfg):
     """Add SegCLIP's keys to a detectron2 config (in place)."""
     # ------------------------------------------------------------------ model
     cfg.MODEL.SEGCLIP = CN()
+    # Registered transformer decoder: "SegCLIPTransformerDecoder" (text queries, CFF, GTG) or
+    # "Mask2FormerTransformerDecoder" (learnable queries: the "no text queries" baseline).
+    cfg.MODEL.SEGCLIP.TRANSFORMER_DECODER_NAME = "SegCLIPTransformerDecoder"
     # Number of text queries N (K class slots + N-K blank slots).
     cfg.MODEL.SEGCLIP.NUM_QUERIES = 100
     # Transformer decoder width C.
@@ -24,7 +30,8 @@ def add_segclip_config(cfg):
     cfg.MODEL.SEGCLIP.PRE_NORM = False
     # Channels of the per-query mask embeddings and of the mask features.
     cfg.MODEL.SEGCLIP.MASK_DIM = 256
-    # Pad input images to a multiple of this.
+    # Pad images to a multiple of this (training: the mapper, labels with ignore; evaluation: the
+    # inferencer; -1 or 1: no padding).
     cfg.MODEL.SEGCLIP.SIZE_DIVISIBILITY = 32
     # Deformable attention implementation: "auto" (compiled op when built), "cpp" or "pytorch".
     cfg.MODEL.SEGCLIP.MSDA_IMPL = "auto"
@@ -45,7 +52,7 @@ def add_segclip_config(cfg):
     # Fail (True) instead of warning and falling back to random init when the weights are missing.
     cfg.MODEL.SEGCLIP.TEXT.REQUIRE_PRETRAINED = False
     # Prompt template; "{}" is replaced by the cleaned class name.
-    cfg.MODEL.SEGCLIP.TEXT.PROMPT_TEMPLATE = "a photo with a {}"
+    cfg.MODEL.SEGCLIP.TEXT.PROMPT_TEMPLATE = PROMPT_TEMPLATE
     # Use a loaded text encoder that does not reproduce a checkpoint's stored embeddings (warn).
     cfg.MODEL.SEGCLIP.TEXT.ALLOW_MISMATCH = False
 
@@ -124,8 +131,6 @@ def add_segclip_config(cfg):
     cfg.INPUT.RANDOM_ROTATE90 = True
     # Photometric jitter (brightness, contrast, saturation, hue).
     cfg.INPUT.COLOR_AUG = True
-    # Pad training images and labels to a multiple of this (-1: no padding).
-    cfg.INPUT.SIZE_DIVISIBILITY = -1
     # Ground sample distance of the training imagery, metres per pixel (0: unknown).
     cfg.INPUT.GSD_M = 0.0
 

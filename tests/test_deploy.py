@@ -212,6 +212,18 @@ def test_export_fails_loudly_when_the_round_trip_disagrees(exported, capsys):
     assert tool.run_main(tool.main, argv[:3] + ["missing.pth"] + argv[4:]) == 2
 
 
+def test_export_refuses_a_model_optimised_for_inference(trained, tmp_path):
+    """The CPU execution tricks are not part of the network: export takes the plain model."""
+    from segclip_d2.deploy.export import export_onnx
+    from segclip_d2.inference.optimize import inference_copy
+
+    fast = inference_copy(trained["model"], "cpu")
+    out = tmp_path / "fast.onnx"
+    with pytest.raises(ValueError, match="plain model.*optimised for inference"):
+        export_onnx(fast, {}, TILE, str(out))
+    assert not out.exists()
+
+
 BLOCKER = '''
 import sys
 

@@ -50,7 +50,9 @@ def test_registry_and_output_contract(tmp_path):
     lbl = rng.integers(0, K, (50, 60)).astype(np.uint8)
     lbl[:5] = 255
     rec = _write(tmp_path, img, lbl)
-    mapper = build_train_mapper(_cfg(**{"INPUT.SIZE_DIVISIBILITY": 32, "INPUT.COLOR_AUG": True}))
+    mapper = build_train_mapper(
+        _cfg(**{"MODEL.SEGCLIP.SIZE_DIVISIBILITY": 32, "INPUT.COLOR_AUG": True})
+    )
     for _ in range(5):
         out = mapper(rec)
         im, seg = out["image"], out["sem_seg"]
@@ -88,7 +90,9 @@ def test_image_and_label_stay_aligned(tmp_path, scale):
 
     lbl = f(red).astype(np.uint8)
     rec = _write(tmp_path, img, lbl)
-    mapper = build_train_mapper(_cfg(**{"INPUT.RESIZE_SCALE": scale, "INPUT.CROP.SIZE": (40, 52)}))
+    # no divisibility padding: only the padding of crops larger than the image
+    opts = {"INPUT.RESIZE_SCALE": scale, "INPUT.CROP.SIZE": (40, 52)}
+    mapper = build_train_mapper(_cfg(**opts, **{"MODEL.SEGCLIP.SIZE_DIVISIBILITY": -1}))
     saw_padding = checked = total = 0
     for _ in range(30):
         out = mapper(rec)
@@ -150,7 +154,7 @@ def test_test_mapper_keeps_size_and_no_augmentation(tmp_path):
     img = rng.integers(0, 256, (33, 47, 3), dtype=np.uint8)
     lbl = rng.integers(0, K, (33, 47)).astype(np.uint8)
     rec = _write(tmp_path, img, lbl)
-    out = build_test_mapper(_cfg(**{"INPUT.SIZE_DIVISIBILITY": 32}))(rec)
+    out = build_test_mapper(_cfg(**{"MODEL.SEGCLIP.SIZE_DIVISIBILITY": 32}))(rec)
     np.testing.assert_array_equal(out["image"].numpy().transpose(1, 2, 0), img)
     np.testing.assert_array_equal(out["sem_seg"].numpy(), lbl)
     assert "gt_masks" not in out

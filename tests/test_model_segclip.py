@@ -155,7 +155,9 @@ def test_gtg_and_cff_switches_keep_checkpoints_interchangeable(model):
     no_gtg = build(seed=4, **{"GT_GUIDANCE.ENABLED": False})
     no_cff = build(seed=4, CFF_ENABLED=False)
     assert set(no_gtg.state_dict()) == keys
-    assert set(no_cff.state_dict()) == keys
+    # CFF off builds no CFF module (DDP would see unused parameters); everything else loads
+    assert keys - set(no_cff.state_dict()) == {k for k in keys if k.startswith("predictor.cff.")}
+    assert any(k.startswith("predictor.cff.") for k in keys)
     # the frozen CLIP text tower is not part of the checkpoint
     assert not any(k.startswith("text_encoder.") for k in keys)
 
@@ -165,7 +167,7 @@ def test_gtg_and_cff_switches_keep_checkpoints_interchangeable(model):
     with torch.no_grad():
         a = model(inputs)[0]["sem_seg"]
         b = no_gtg(inputs)[0]["sem_seg"]
-        no_cff.load_state_dict(model.state_dict())
+        no_cff.load_state_dict(model.state_dict(), strict=False)
         c = no_cff(inputs)[0]["sem_seg"]
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, c)  # while CFF really is part of the inference path
@@ -188,7 +190,7 @@ def test_set_vocabulary_with_text_head_changes_k():
 def test_set_vocabulary_is_rejected_with_linear_head(model):
     with pytest.raises(ValueError, match="CLASS_HEAD 'text'"):
         model.set_vocabulary(["road", "water"])
-    assert model.num_classes == NUM_CLASSES
+    assert model.vocabulary_size == model.num_train_classes == NUM_CLASSES
 
 
 def test_low_and_full_resolution_postprocess_agree(model):
@@ -237,7 +239,7 @@ def test_bgr_input_format_is_rejected():
 def test_cpu_input_gets_canonical_channels_last_strides():
     """An image batch made from an HWC array (batch stride 3) must reach the backbone with
     canonical channels-last strides, or oneDNN runs the whole backbone in NCHW."""
-    from segclip_d2.modeling.meta_arch import _canonical_channels_last
+    from segclip_d2.inference.optimize import canonical_channels_last as _canonical_channels_last
 
     hwc = torch.randn(40, 24, 3).permute(2, 0, 1)[None]
     assert hwc.is_contiguous(memory_format=torch.channels_last) and hwc.stride(0) == 3

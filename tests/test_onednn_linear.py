@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import segclip_d2.layers.onednn_linear as odl
-from segclip_d2.layers.onednn_linear import OneDNNLinear, enable_onednn_linear, linear
+from segclip_d2.layers.onednn_linear import linear
 
 needs_onednn = pytest.mark.skipif(
     not odl.onednn_linear_supported(), reason="this torch build has no oneDNN linear op"
@@ -80,19 +80,27 @@ def test_environment_switch_turns_the_route_off(monkeypatch, count_onednn_calls)
     assert count_onednn_calls == []
 
 
-def test_enable_swaps_plain_linears_only_and_keeps_state():
+@needs_onednn
+def test_cpu_kernel_mode_routes_module_and_attention_linears_and_keeps_state(count_onednn_calls):
+    """optimize_for_inference's CPU kernel mode sends every float32 F.linear of a module's
+    forward without autograd to oneDNN (nn.Linear layers and the decoder's attention
+    projections alike), with F.linear's results; with autograd nothing changes."""
+    from segclip_d2.inference.optimize import install_cpu_kernels
+    from segclip_d2.modeling.transformer_decoder.attention_layers import SelfAttentionLayer
+
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.MultiheadAttention(8, 2), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), SelfAttentionLayer(8, 2), nn.Linear(8, 3))
     keys = list(model.state_dict())
-    x = torch.randn(6, 5)
+    x = torch.randn(2, 6, 5)
     with torch.no_grad():
-        expected = model[3](model[1](model[0](x)))
-        assert enable_onednn_linear(model) == 2
-        got = model[3](model[1](model[0](x)))
-    assert type(model[0]) is OneDNNLinear and type(model[3]) is OneDNNLinear
-    assert type(model[2].out_proj) is not OneDNNLinear  # nn.MultiheadAttention's own class
+        expected = model(x)
+    install_cpu_kernels(model)
+    with torch.no_grad():
+        got = model(x)
+    # 2 nn.Linear + q, k, v and output projections of the attention
+    assert len(count_onednn_calls) == 6
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    # training: autograd reaches the swapped layers' parameters
-    model[3](model[0](x)).sum().backward()
-    assert model[0].weight.grad is not None
+    count_onednn_calls.clear()
+    model(x).sum().backward()  # training: plain F.linear, gradients reach the parameters
+    assert count_onednn_calls == [] and model[0].weight.grad is not None

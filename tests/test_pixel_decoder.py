@@ -123,11 +123,18 @@ def test_built_from_config_registry():
 
 
 @pytest.mark.parametrize("impl", ["pytorch", "auto"])
-def test_inference_path_equals_training_computation(monkeypatch, impl):
-    """Eval without autograd runs the encoder layers in token chunks, the FPN sum in place and
-    the level-size division folded into the offsets; the outputs must be what the autograd path
-    computes (chunks of 7 tokens: uneven, smaller than every level, with padding)."""
-    import segclip_d2.modeling.pixel_decoder.msdeformattn as mod
+@pytest.mark.parametrize("bf16", [False, True])
+def test_chunked_encoder_and_cpu_kernels_equal_plain_decoder(impl, bf16):
+    """optimize_for_inference's pixel-decoder transforms (encoder layers in token chunks with the
+    values projected once, oneDNN linear and short-row softmax) give the plain decoder's outputs
+    (chunks of 7 tokens: uneven, smaller than every level, with padding), fp32 and bf16."""
+    import copy
+
+    from segclip_d2.inference.optimize import (
+        ChunkedEncoderLayer,
+        chunk_encoder_layers,
+        install_cpu_kernels,
+    )
 
     dec = _decoder(msda_impl=impl)
     with torch.no_grad():
@@ -136,11 +143,15 @@ def test_inference_path_equals_training_computation(monkeypatch, impl):
     feats = _features(2, 64, 96)
     padding = torch.zeros(2, 64, 96, dtype=torch.bool)
     padding[1, 40:, :] = True
-    with torch.enable_grad():
+    fast = copy.deepcopy(dec)
+    assert chunk_encoder_layers(fast, chunk_tokens=7) == len(dec.transformer.layers)
+    install_cpu_kernels(fast)
+    assert all(isinstance(layer, ChunkedEncoderLayer) for layer in fast.transformer.layers)
+    assert fast.state_dict().keys() == dec.state_dict().keys()
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         mf_ref, outs_ref = dec(feats, padding)
-    monkeypatch.setattr(mod, "EVAL_TOKEN_CHUNK", 7)
-    with torch.no_grad():
-        mf, outs = dec(feats, padding)
-    torch.testing.assert_close(mf, mf_ref.detach(), rtol=1e-5, atol=1e-5)
+        mf, outs = fast(feats, padding)
+    torch.testing.assert_close(mf.float(), mf_ref.float(), **tol)
     for o, r in zip(outs, outs_ref):
-        torch.testing.assert_close(o, r.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(o.float(), r.float(), **tol)

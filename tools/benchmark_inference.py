@@ -86,7 +86,10 @@ def emit(result: dict) -> None:
 
 
 # ---------------------------------------------------------------------- in-child helpers
-def load_model(config: str, opts: list[str]):
+def load_model(config: str, opts: list[str], optimize: bool = True):
+    """Build (and load MODEL.WEIGHTS when it is a local file) the model in eval mode; with
+    ``optimize`` (unless SEGCLIP_PLAIN_MODEL=1) apply ``optimize_for_inference`` as the demo and
+    evaluation do. Returns (cfg, model, a SegInferencer of cfg)."""
     import torch
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
@@ -108,6 +111,10 @@ def load_model(config: str, opts: list[str]):
         from segclip_d2.utils.checkpoint import InferenceCheckpointer
 
         InferenceCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # a trained local checkpoint
+    if optimize and os.environ.get("SEGCLIP_PLAIN_MODEL", "0") in ("", "0"):
+        from segclip_d2.inference.optimize import optimize_for_inference
+
+        optimize_for_inference(model, cfg.MODEL.DEVICE, cfg.TEST.PRECISION)
     return cfg, model, SegInferencer(cfg)
 
 
@@ -267,7 +274,7 @@ def case_flops(args) -> None:
     from fvcore.nn import FlopCountAnalysis
 
     torch.set_num_threads(args.threads)
-    cfg, model, _ = load_model(args.config, args.opts)
+    cfg, model, _ = load_model(args.config, args.opts, optimize=False)  # the plain model
 
     class Wrap(torch.nn.Module):
         def __init__(self, m):

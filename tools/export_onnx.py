@@ -210,7 +210,7 @@ def main(argv=None) -> int:
         raise
     print(
         f"exported {args.output}: input (B, 3, {args.tile_size}, {args.tile_size}), output "
-        f"(B, {model.num_classes}, {args.tile_size}, {args.tile_size}), opset {args.opset}, "
+        f"(B, {model.vocabulary_size}, {args.tile_size}, {args.tile_size}), opset {args.opset}, "
         f"{os.path.getsize(tmp) / 2**20:.1f} MiB, {time.perf_counter() - t0:.0f} s"
     )
     print(f"  classes: {json.loads(meta['class_names'])}")

@@ -21,7 +21,7 @@ nearest-neighbour resizing and exact array rotations/flips):
 3. horizontal flip, vertical flip (``INPUT.RANDOM_VFLIP``), a random multiple of 90 degrees
    (``INPUT.RANDOM_ROTATE90``);
 4. photometric jitter (``INPUT.COLOR_AUG``): brightness, contrast, saturation, hue;
-5. padding to a multiple of ``INPUT.SIZE_DIVISIBILITY`` (image 0, label 255).
+5. padding to a multiple of ``MODEL.SEGCLIP.SIZE_DIVISIBILITY`` (image 0, label 255).
 """
 
 from __future__ import annotations
@@ -351,7 +351,7 @@ class AerialSemanticDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
             "ignore_label": ignore_label,
             "num_classes": num_classes,
-            "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY if is_train else -1,
+            "size_divisibility": cfg.MODEL.SEGCLIP.SIZE_DIVISIBILITY if is_train else -1,
         }
 
     def __call__(self, dataset_dict: dict) -> dict:

@@ -48,21 +48,29 @@ DEFAULT_SEG_SMALL_SEGMENT = 7
 
 @contextlib.contextmanager
 def export_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """The model as the exporter must see it: standard PyTorch operations only.
+    """The plain model as the exporter must see it: standard PyTorch operations only.
 
-    This is the one place that switches the CPU execution tricks off while tracing:
+    ``model`` must be plain (as built and loaded, never passed to
+    :func:`~segclip_d2.inference.optimize.optimize_for_inference`: the CPU execution tricks are
+    not part of the network). While tracing:
 
-    * every ``MSDeformAttn`` uses the ``grid_sample`` reference (``impl="pytorch"``), not the
-      compiled op;
-    * the model runs in eval mode with autograd *enabled* (parameters frozen): the inference-only
-      routes that the modules take under ``no_grad`` (oneDNN linear layers, FrozenBN folding,
-      chunked encoder layers, in-place residual adds, shared decoder keys) stay off, so the
-      traced graph is the plain network.
+    * every ``MSDeformAttn`` uses its ``grid_sample`` reference (``impl="pytorch"``) instead of
+      the compiled op, which ONNX runtimes do not have;
+    * the model is in eval mode with autograd enabled and its parameters frozen, so the layers'
+      no-autograd shortcuts (the compiled op's direct call, in-place softmax) stay out of the
+      graph.
 
-    Everything is restored on exit.
+    Everything is restored on exit. Raises ValueError for an optimised model.
     """
+    from segclip_d2.inference.optimize import optimized_transforms
     from segclip_d2.layers.ms_deform_attn import MSDeformAttn
 
+    applied = optimized_transforms(model)
+    if applied is not None:
+        raise ValueError(
+            f"export needs the plain model; this one was optimised for inference ({applied}): "
+            "build and load it again without optimize_for_inference()"
+        )
     impls = [(m, m.impl) for m in model.modules() if isinstance(m, MSDeformAttn)]
     grads = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
@@ -209,7 +217,7 @@ def export_onnx(
     # checks that it is square, so they are written down.
     dims = onnx_model.graph.output[0].type.tensor_type.shape.dim
     dims[0].dim_param = "batch"
-    for dim, value in zip(dims[1:], (model.num_classes, tile_size, tile_size)):
+    for dim, value in zip(dims[1:], (model.vocabulary_size, tile_size, tile_size)):
         dim.dim_value = int(value)
     onnx.checker.check_model(onnx_model)
     doubles = float64_tensors(onnx_model)

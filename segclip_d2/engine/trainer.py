@@ -24,6 +24,7 @@ from ..data.dataset_facts import get_facts
 from ..data.evaluator import build_evaluator as build_segclip_evaluator
 from ..data.mapper import build_test_mapper, build_train_mapper
 from ..errors import UserError
+from ..inference.optimize import inference_copy
 from ..utils.checkpoint import ModelCardCheckpointer, explain_weight_fetch_errors
 from ..utils.events import LazyJSONWriter
 from ..utils.hardware import EMULATED_BF16_SLOWDOWN, native_bf16_reason
@@ -205,6 +206,15 @@ class SegCLIPTrainer(DefaultTrainer):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_segclip_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate an inference-optimised copy of ``model``
+        (:func:`~segclip_d2.inference.optimize.optimize_for_inference`), so that periodic
+        evaluation leaves the training model plain; a model already optimised (``train_net
+        --eval-only``) is evaluated as it is."""
+        device = next(model.parameters()).device
+        return super().test(cfg, inference_copy(model, device, cfg.TEST.PRECISION), evaluators)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -58,8 +58,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .onednn_linear import linear
-
 logger = logging.getLogger(__name__)
 
 BUILD_COMMAND = "`make setup` or `.venv/bin/pip install --no-build-isolation -e .`"
@@ -568,7 +566,7 @@ class MSDeformAttn(nn.Module):
         """Checked value projection: (B, S, C) -> (B, S, H, Dh), zero at padded positions.
 
         Split from :meth:`attend` so that a caller can attend with the queries in chunks while
-        projecting the values once (the pixel decoder's encoder does this at inference).
+        projecting the values once (``segclip_d2.inference.optimize`` does this).
         """
         B, S, C = input_flatten.shape
         L = self.n_levels
@@ -592,12 +590,6 @@ class MSDeformAttn(nn.Module):
         value = self.value_proj(input_flatten)  # (B, S, C)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
-        if value.dtype in (torch.float16, torch.bfloat16) and not (
-            self.impl != "pytorch" and compiled_reads_bf16(value)
-        ):
-            # the compiled op samples in fp32; converting here, once, keeps a caller that
-            # attends in chunks from converting the whole value tensor for every chunk
-            value = value.float()
         return value.view(B, S, self.n_heads, C // self.n_heads)
 
     def attend(
@@ -617,7 +609,7 @@ class MSDeformAttn(nn.Module):
                 f"{tuple(reference_points.shape)}"
             )
         weights = self.attention_weights(query).view(B, Q, H, L * P)
-        weights = _softmax_last_(weights).view(B, Q, H, L, P)
+        weights = weights.softmax(-1).view(B, Q, H, L, P)
         # Offsets are in pixels of each level; dividing the rows of the projection by (W_l, H_l)
         # gives normalised offsets in one pass (the division by the level size costs a full pass
         # over a (B, Q, H, L, P, 2) tensor otherwise).
@@ -629,9 +621,7 @@ class MSDeformAttn(nn.Module):
         )
         inv = inv.view(1, L, 1, 2).expand(H, L, P, 2)
         inv = inv.reshape(-1)
-        # the oneDNN route is an eager-mode choice; traced graphs keep the standard op
-        lin = F.linear if torch.compiler.is_compiling() else linear
-        offsets = lin(
+        offsets = F.linear(
             query, self.sampling_offsets.weight * inv[:, None], self.sampling_offsets.bias * inv
         ).view(B, Q, H, L * P * 2)
         # the reference point of each level repeated over its P points: (B, Q, 1, L * P * 2),

@@ -11,6 +11,8 @@ float32 input and weight, CPU autocast off (under autocast ``F.linear`` runs in 
 oneDNN already). Otherwise, or when this torch build has no oneDNN linear, it is ``F.linear``.
 Results differ from ``F.linear`` by float32 rounding only (another summation order).
 
+``segclip_d2.inference.optimize`` routes the ``F.linear`` calls of the pixel decoder and the
+transformer decoder through :func:`linear` at inference; the model code itself calls ``F.linear``.
 ``SEGCLIP_ONEDNN_LINEAR=0`` in the environment turns the route off (``F.linear`` everywhere).
 """
 
@@ -21,7 +23,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -66,28 +67,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-class OneDNNLinear(nn.Linear):
-    """``nn.Linear`` whose forward is :func:`linear` (same parameters and state)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-def enable_onednn_linear(module: nn.Module) -> int:
-    """Give every plain ``nn.Linear`` under ``module`` the :func:`linear` forward (an in-place
-    class change: parameters, ``state_dict`` keys and training are unchanged). Subclasses such
-    as ``nn.MultiheadAttention``'s output projection are left alone. Returns the count."""
-    count = 0
-    for m in module.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = OneDNNLinear
-            count += 1
-    return count
-
-
 __all__ = [
-    "OneDNNLinear",
-    "enable_onednn_linear",
     "linear",
     "onednn_linear_supported",
     "uses_onednn",

@@ -24,30 +24,16 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from segclip_d2.inference import SegInferencer
+from segclip_d2.inference.inferencer import upsample_probs
 
-from ..layers.frozen_bn_folding import enable_frozen_bn_folding
-from ..layers.onednn_linear import enable_onednn_linear
 from .criterion import build_criterion
 from .pixel_decoder import build_pixel_decoder
 from .text_encoder import FrozenCLIPTextEncoder
-from .transformer_decoder import SegCLIPTransformerDecoder
+from .transformer_decoder import MaskedAttentionDecoder, build_transformer_decoder
 
 logger = logging.getLogger(__name__)
 
 POSTPROCESS_MODES = ("low", "full")
-
-
-def _canonical_channels_last(images: torch.Tensor) -> torch.Tensor:
-    """``images`` in channels-last layout with canonical strides.
-
-    A batch made from an HWC array by ``permute(2, 0, 1)[None]`` already counts as channels-last
-    contiguous, but its batch stride is 3 instead of 3*H*W, and oneDNN then falls back to NCHW
-    for the whole backbone (ResNet-50 at 1024: ~1.4x slower). Such tensors are copied once.
-    """
-    b, c, h, w = images.shape
-    if images.stride() != (c * h * w, 1, w * c, c):
-        images = images.clone(memory_format=torch.channels_last)
-    return images
 
 
 @META_ARCH_REGISTRY.register()
@@ -57,7 +43,8 @@ class SegCLIP(nn.Module):
     Args:
         backbone: detectron2 backbone with the pixel decoder's input features.
         pixel_decoder: (features) -> (mask_features, multi_scale_features).
-        predictor: :class:`SegCLIPTransformerDecoder`.
+        predictor: a transformer decoder from ``TRANSFORMER_DECODER_REGISTRY`` (SegCLIP's by
+            default, see :class:`~.transformer_decoder.SegCLIPTransformerDecoder`).
         criterion: (outputs, targets) -> dict of weighted losses.
         text_encoder: frozen CLIP text encoder, ``(class_names) -> (K, D)``, caching per
             vocabulary.
@@ -77,7 +64,7 @@ class SegCLIP(nn.Module):
         *,
         backbone: Backbone,
         pixel_decoder: nn.Module,
-        predictor: SegCLIPTransformerDecoder,
+        predictor: MaskedAttentionDecoder,
         criterion: nn.Module,
         text_encoder: nn.Module,
         inferencer,
@@ -131,25 +118,21 @@ class SegCLIP(nn.Module):
                 "registered? see segclip_d2.data.register)"
             )
         backbone = build_backbone(cfg)
-        enable_frozen_bn_folding(backbone)  # eval without autograd only; see the module
         pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
-        text_encoder = _build(FrozenCLIPTextEncoder, cfg)
-        predictor = SegCLIPTransformerDecoder(
+        text_encoder = FrozenCLIPTextEncoder(cfg)
+        predictor = build_transformer_decoder(
             cfg,
             in_channels=cfg.MODEL.SEGCLIP.PIXEL_DECODER.CONVS_DIM,
             text_dim=text_encoder.embed_dim,
-            num_classes=len(class_names),
+            num_train_classes=len(class_names),
         )
-        # fp32 CPU inference without autograd only; see the module
-        enable_onednn_linear(pixel_decoder)
-        enable_onednn_linear(predictor)
         return {
             "backbone": backbone,
             "pixel_decoder": pixel_decoder,
             "predictor": predictor,
             "criterion": build_criterion(cfg, len(class_names)),
             "text_encoder": text_encoder,
-            "inferencer": _build(SegInferencer, cfg),
+            "inferencer": SegInferencer(cfg),
             "class_names": class_names,
             "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
             "pixel_std": list(cfg.MODEL.PIXEL_STD),
@@ -164,8 +147,8 @@ class SegCLIP(nn.Module):
         return self.pixel_mean.device
 
     @property
-    def num_classes(self) -> int:
-        """K of the current vocabulary."""
+    def vocabulary_size(self) -> int:
+        """K of the current vocabulary (``num_train_classes`` is K of the training one)."""
         return len(self.class_names)
 
     # ------------------------------------------------------------------ vocabulary
@@ -173,9 +156,9 @@ class SegCLIP(nn.Module):
         """(K, D) frozen class text embeddings of the current vocabulary (cached by the
         encoder: computed once per vocabulary)."""
         emb = self.text_encoder(self.class_names)
-        if emb.dim() != 2 or emb.shape[0] != self.num_classes:
+        if emb.dim() != 2 or emb.shape[0] != self.vocabulary_size:
             raise RuntimeError(
-                f"text encoder returned {tuple(emb.shape)} for {self.num_classes} class names"
+                f"text encoder returned {tuple(emb.shape)} for {self.vocabulary_size} class names"
             )
         return emb
 
@@ -190,11 +173,7 @@ class SegCLIP(nn.Module):
         names = [str(n) for n in class_names]
         if not names:
             raise ValueError("set_vocabulary() needs at least one class name")
-        if len(names) > self.predictor.num_queries:
-            raise ValueError(
-                f"set_vocabulary(): {len(names)} classes but only NUM_QUERIES="
-                f"{self.predictor.num_queries} query slots"
-            )
+        self.predictor.check_vocabulary(len(names))
         self.class_names = names
         self.text_embeddings()  # encode once now; later calls hit the encoder's cache
         logger.info("SegCLIP vocabulary set to %d classes: %s", len(names), names)
@@ -205,11 +184,6 @@ class SegCLIP(nn.Module):
 
     def _run(self, images: torch.Tensor, guidance: dict | None = None) -> dict:
         """(B, 3, H, W) normalised, padded images -> decoder outputs (interface C)."""
-        if images.device.type == "cpu":
-            # oneDNN convolutions on the CPU are ~1.5x faster on channels-last activations
-            # (ResNet-50 at 1024x1024: 0.82 s instead of 1.27 s, 2 threads). Only the input is
-            # converted: the weights keep their layout, which DDP's gradient buckets rely on.
-            images = _canonical_channels_last(images)
         features = self.backbone(images)
         mask_features, multi_scale = self.pixel_decoder(features)
         return self.predictor(multi_scale, mask_features, self.text_embeddings(), guidance)
@@ -303,18 +277,14 @@ class SegCLIP(nn.Module):
             probs = self.inferencer(self.predict_sem_seg_probs, image)  # (K, H, W)
             height = int(x.get("height", image.shape[1]))
             width = int(x.get("width", image.shape[2]))
-            if tuple(probs.shape[-2:]) != (height, width):
-                probs = F.interpolate(
-                    probs[None], size=(height, width), mode="bilinear", align_corners=False
-                )[0]
-            results.append({"sem_seg": probs})
+            results.append({"sem_seg": upsample_probs(probs, (height, width))})
         return results
 
     def _forward_train(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor]:
-        if self.num_classes != self.num_train_classes:
+        if self.vocabulary_size != self.num_train_classes:
             raise RuntimeError(
-                f"training with a vocabulary of {self.num_classes} classes, but the criterion was "
-                f"built for {self.num_train_classes}: set_vocabulary() is for inference only"
+                f"training with a vocabulary of {self.vocabulary_size} classes, but the criterion "
+                f"was built for {self.num_train_classes}: set_vocabulary() is for inference only"
             )
         for i, x in enumerate(batched_inputs):
             if "gt_classes" not in x or "gt_masks" not in x:
@@ -349,19 +319,14 @@ class SegCLIP(nn.Module):
                     f"{x.get('file_name', '?')}: gt_masks {tuple(masks.shape)} do not match "
                     f"{labels.numel()} gt_classes and the image size {(h, w)}"
                 )
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            if labels.numel() and (
+                int(labels.min()) < 0 or int(labels.max()) >= self.vocabulary_size
+            ):
                 raise ValueError(
                     f"{x.get('file_name', '?')}: gt_classes {labels.tolist()} outside 0.."
-                    f"{self.num_classes - 1}"
+                    f"{self.vocabulary_size - 1}"
                 )
             padded = torch.zeros((masks.shape[0], *size), dtype=torch.bool, device=self.device)
             padded[:, :h, :w] = masks.bool()
             targets.append({"labels": labels, "masks": padded})
         return targets
-
-
-def _build(cls, cfg):
-    """Build a ``@configurable`` class from cfg; also accepts a ``from_config`` that returns an
-    instance instead of kwargs."""
-    built = cls.from_config(cfg)
-    return cls(**built) if isinstance(built, dict) else built

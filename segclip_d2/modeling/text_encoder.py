@@ -26,6 +26,7 @@ import torch
 from detectron2.config import configurable
 from torch import nn
 
+from segclip_d2.config import PROMPT_TEMPLATE
 from segclip_d2.data.dataset_facts import prompt_name
 from segclip_d2.utils.weights import (
     check_pretrained_value,
@@ -129,7 +130,7 @@ class FrozenCLIPTextEncoder(nn.Module):
         model_name: str = "RN50",
         pretrained: str = "openai",
         require_pretrained: bool = False,
-        prompt_template: str = "a photo with a {}",
+        prompt_template: str = PROMPT_TEMPLATE,
         normalize: bool = True,
         allow_mismatch: bool = False,
     ):

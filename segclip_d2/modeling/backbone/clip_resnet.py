@@ -51,6 +51,18 @@ def _freeze(module: nn.Module) -> nn.Module:
     return FrozenBatchNorm2d.convert_frozen_batchnorm(module)
 
 
+def _check_arguments(out_features: list[str], freeze_at: int, norm: str) -> None:
+    unknown = [f for f in out_features if f not in _STAGES]
+    if unknown or not out_features:
+        raise ValueError(
+            f"out_features must be a non-empty subset of {_STAGES}, got {out_features}"
+        )
+    if not 0 <= freeze_at <= 5:
+        raise ValueError(f"freeze_at must be in 0..5, got {freeze_at}")
+    if norm not in _NORMS:
+        raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+
+
 class CLIPResNetBackbone(Backbone):
     """open_clip ResNet image tower returning a dict of res2..res5 feature maps."""
 
@@ -77,15 +89,7 @@ class CLIPResNetBackbone(Backbone):
         """
         super().__init__()
         out_features = list(out_features)
-        unknown = [f for f in out_features if f not in _STAGES]
-        if unknown or not out_features:
-            raise ValueError(
-                f"out_features must be a non-empty subset of {_STAGES}, got {out_features}"
-            )
-        if not 0 <= freeze_at <= 5:
-            raise ValueError(f"freeze_at must be in 0..5, got {freeze_at}")
-        if norm not in _NORMS:
-            raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+        _check_arguments(out_features, freeze_at, norm)
 
         clip_model, self.weights_path = load_open_clip_model(
             model_name,

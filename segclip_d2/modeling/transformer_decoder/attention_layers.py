@@ -9,8 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segclip_d2.layers.onednn_linear import linear
-
 
 def _with_pos(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     return x if pos is None else x + pos
@@ -48,14 +46,14 @@ def multi_head_attention(
     h = attn.num_heads
     w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
     b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None,) * 3
-    q = linear(query, w_q, b_q).view(b, q_len, h, c // h).transpose(1, 2)  # (B, h, Q, d)
-    k = linear(key, w_k, b_k).view(b, s_len, h, c // h).transpose(1, 2)  # (B, h, S, d)
-    v = linear(value, w_v, b_v).view(b, s_len, h, c // h).transpose(1, 2)
+    q = F.linear(query, w_q, b_q).view(b, q_len, h, c // h).transpose(1, 2)  # (B, h, Q, d)
+    k = F.linear(key, w_k, b_k).view(b, s_len, h, c // h).transpose(1, 2)  # (B, h, S, d)
+    v = F.linear(value, w_v, b_v).view(b, s_len, h, c // h).transpose(1, 2)
     allowed = None if blocked is None else ~blocked[:, None]  # (B, 1, Q, S)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=allowed, dropout_p=attn.dropout if attn.training else 0.0
     )  # (B, h, Q, d)
-    return linear(
+    return F.linear(
         out.transpose(1, 2).reshape(b, q_len, c), attn.out_proj.weight, attn.out_proj.bias
     )
 

@@ -35,6 +35,7 @@ class CrossModalFeatureFusion(nn.Module):
         memory: torch.Tensor,
         memory_pos: torch.Tensor,
         self_attn_mask: torch.Tensor | None = None,
+        memory_key: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -43,9 +44,12 @@ class CrossModalFeatureFusion(nn.Module):
             memory: (B, S, C) flattened stride-32 map; memory_pos: (B, S, C) its encoding.
             self_attn_mask: (B, Q, Q) bool, True = may NOT attend (keeps the ordinary
                 queries from seeing the guidance group), or None.
+            memory_key: ``memory + memory_pos`` when the caller has it already, or None.
         Returns:
             (B, Q, C) fused queries.
         """
         x = self.self_attn(queries, attn_mask=self_attn_mask, query_pos=query_pos)
-        x = self.cross_attn(x, memory, pos=memory_pos, query_pos=query_pos)
+        x = self.cross_attn(
+            x, memory, pos=memory_pos, query_pos=query_pos, memory_with_pos=memory_key
+        )
         return self.ffn(x)

@@ -37,10 +37,20 @@ class TextClassHead(nn.Module):
         super().__init__()
         self.text_dim = text_dim
         self.query_proj = nn.Linear(hidden_dim, hidden_dim)
-        self.text_proj = nn.Linear(text_dim, hidden_dim)
+        # maps class text embeddings into the query space (TMP's TextQueryGenerator.text_proj
+        # maps them to the query slots: another projection)
+        self.class_embed_proj = nn.Linear(text_dim, hidden_dim)
         self.void_embed = nn.Parameter(torch.empty(hidden_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         nn.init.normal_(self.void_embed, std=0.02)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the rename call the projection "text_proj"
+        for name in ("weight", "bias"):
+            old = f"{prefix}text_proj.{name}"
+            if old in state_dict:
+                state_dict[f"{prefix}class_embed_proj.{name}"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         """x: (B, Q, C); text_embeddings: (K, D) -> (B, Q, K+1)."""
@@ -50,7 +60,7 @@ class TextClassHead(nn.Module):
                 f"{tuple(text_embeddings.shape)}"
             )
         q = F.normalize(self.query_proj(x), dim=-1)  # (B, Q, C)
-        t = self.text_proj(F.normalize(text_embeddings.to(q.dtype), dim=-1))  # (K, C)
+        t = self.class_embed_proj(F.normalize(text_embeddings.to(q.dtype), dim=-1))  # (K, C)
         classes = F.normalize(torch.cat([t, self.void_embed[None]], 0), dim=-1)  # (K+1, C)
         scale = self.logit_scale.exp().clamp(max=100.0)
         return scale * torch.einsum("bqc,kc->bqk", q, classes)

@@ -5,6 +5,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def check_query_slots(num_classes: int, num_queries: int) -> None:
+    """TMP puts every class in its own query slot: raise ValueError unless K <= N."""
+    if num_classes > num_queries:
+        raise ValueError(
+            f"{num_classes} classes but only MODEL.SEGCLIP.NUM_QUERIES={num_queries} query "
+            "slots: TMP puts every class in its own slot (raise NUM_QUERIES)"
+        )
+
+
 class TextQueryGenerator(nn.Module):
     """Builds ``Q_text`` = class slots + learnable context, and the queries' positional embeddings.
 
@@ -59,11 +68,7 @@ class TextQueryGenerator(nn.Module):
             Q_text (B, N, C) and the query positional embeddings (B, N, C).
         """
         k = text_embeddings.shape[0]
-        if k > self.num_queries:
-            raise ValueError(
-                f"TMP needs at least one query slot per class: {k} classes but NUM_QUERIES="
-                f"{self.num_queries} (raise MODEL.SEGCLIP.NUM_QUERIES)"
-            )
+        check_query_slots(k, self.num_queries)
         n_text = self.project(text_embeddings)  # (K, C)
         blank = n_text.new_zeros(self.num_queries - k, self.hidden_dim)  # (N-K, C)
         q = torch.cat([n_text, blank], 0) + self.query_ctx.weight  # (N, C)
