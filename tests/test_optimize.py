@@ -157,11 +157,17 @@ def test_training_model_is_rejected_and_copy_leaves_it_plain(plain):
     _assert_plain(model)
 
 
-def _assert_plain(model):
+def _assert_plain(model, channels_last=False):
+    """No transform applied; with ``channels_last`` only the channels-last input hook (the one
+    execution choice that CPU training makes too)."""
     assert not any(isinstance(m, Conv2dFoldedFrozenBN) for m in model.modules())
     assert not any(isinstance(m, opt.ChunkedEncoderLayer) for m in model.modules())
     hooks = [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
-    assert hooks == []
+    if not channels_last:
+        assert hooks == []
+        return
+    assert hooks == [model.backbone] and not model.backbone._forward_hooks
+    assert list(model.backbone._forward_pre_hooks.values()) == [opt._channels_last_hook]
 
 
 def test_periodic_evaluation_during_training_keeps_the_training_model_plain(
@@ -201,4 +207,4 @@ def test_periodic_evaluation_during_training_keeps_the_training_model_plain(
     assert "mIoU" in trainer._last_eval_results["sem_seg"]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)  # step 2 after an eval
     assert trainer.model.training
-    _assert_plain(trainer.model)
+    _assert_plain(trainer.model, channels_last=True)  # CPU training: channels-last input

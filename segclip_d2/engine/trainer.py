@@ -24,7 +24,7 @@ from ..data.dataset_facts import get_facts
 from ..data.evaluator import build_evaluator as build_segclip_evaluator
 from ..data.mapper import build_test_mapper, build_train_mapper
 from ..errors import UserError
-from ..inference.optimize import inference_copy
+from ..inference.optimize import channels_last_input, inference_copy
 from ..utils.checkpoint import ModelCardCheckpointer, explain_weight_fetch_errors
 from ..utils.events import LazyJSONWriter
 from ..utils.hardware import EMULATED_BF16_SLOWDOWN, native_bf16_reason
@@ -130,6 +130,8 @@ class SegCLIPTrainer(DefaultTrainer):
 
         model = self.build_model(cfg)
         freeze_disabled_modules(cfg, model)  # DDP: no unused trainable parameter
+        if next(model.parameters()).device.type == "cpu":
+            channels_last_input(model)  # an execution choice, measured: see the function
         optimizer = self.build_optimizer(cfg, model)
         self._train_loader = ResumableTrainLoader(
             lambda start_iter: self.build_train_loader(cfg, start_iter)

@@ -22,8 +22,8 @@ the same computation run faster; every transform changes results by float roundi
 
 The model keeps its parameters, ``state_dict`` keys and class; the transforms replace submodules
 by wrappers that share their children, swap in subclasses with the same state, or install forward
-hooks. Training never calls this: evaluation during training optimises a copy
-(:func:`inference_copy`).
+hooks. Training never calls this (CPU training takes :func:`channels_last_input` alone);
+evaluation during training optimises a copy (:func:`inference_copy`).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def optimize_for_inference(
     if "fold_frozen_bn" in wanted and enable_frozen_bn_folding(model.backbone):
         applied.append("fold_frozen_bn")
     if "channels_last_input" in wanted and cpu:
-        model.backbone.register_forward_pre_hook(_channels_last_hook)
+        channels_last_input(model)
         applied.append("channels_last_input")
     if "cpu_kernels" in wanted and cpu:
         for part in (model.pixel_decoder, model.predictor):
@@ -133,6 +133,16 @@ def canonical_channels_last(images: torch.Tensor) -> torch.Tensor:
     if images.stride() != (c * h * w, 1, w * c, c):
         images = images.clone(memory_format=torch.channels_last)
     return images
+
+
+def channels_last_input(model: nn.Module) -> None:
+    """Give ``model.backbone`` its CPU input in canonical channels-last layout (a forward
+    pre-hook; parameters keep their layout, which DDP's gradient buckets rely on). The one
+    transform that training uses too: a CPU training step of the ``make train`` model (batch 8
+    of 256 px) takes 0.89-0.94x the time with it."""
+    if not getattr(model.backbone, "_segclip_channels_last", False):
+        model.backbone.register_forward_pre_hook(_channels_last_hook)
+        model.backbone._segclip_channels_last = True
 
 
 def _channels_last_hook(module, args):
@@ -297,6 +307,7 @@ __all__ = [
     "CpuKernelMode",
     "canonical_channels_last",
     "cast_memory_once",
+    "channels_last_input",
     "chunk_encoder_layers",
     "inference_copy",
     "install_cpu_kernels",
