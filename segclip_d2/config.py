@@ -176,4 +176,18 @@ def add_segclip_config(cfg):
     cfg.TEST.PRECISION = "auto"
     # Only write predictions in the benchmark's submission format (no metrics).
     cfg.TEST.FORMAT_ONLY = False
+
+    # ------------------------------------------------------------------ removed keys
+    # Keys of earlier versions that configs saved by training runs (OUTPUT_DIR/config.yaml, model
+    # cards) still hold: ignored with a warning, so those files load.
+    for key in REMOVED_KEYS:
+        if not cfg.key_is_deprecated(key):
+            cfg.register_deprecated_key(key)
     return cfg
+
+
+# Removed key -> what replaced it (for the reader; merging ignores them).
+REMOVED_KEYS = {
+    # training mapper padding; now MODEL.SEGCLIP.SIZE_DIVISIBILITY, also the model's padding
+    "INPUT.SIZE_DIVISIBILITY": "MODEL.SEGCLIP.SIZE_DIVISIBILITY",
+}

@@ -247,3 +247,29 @@ def test_unknown_key_is_an_error(tmp_path):
     # Command-line overrides go through yacs, which asserts on unknown keys.
     with pytest.raises(AssertionError, match="Non-existent key: MODEL.SEGCLIP.TEXT.TEMPLATE"):
         cfg.merge_from_list(["MODEL.SEGCLIP.TEXT.TEMPLATE", "x"])
+
+
+def test_config_saved_by_an_earlier_version_loads(tmp_path, caplog):
+    """OUTPUT_DIR/config.yaml of a run before a key was removed still loads: the removed key is
+    ignored with a warning naming it; an unknown key stays an error."""
+    from segclip_d2.config import REMOVED_KEYS
+
+    cfg = add_segclip_config(get_cfg())
+    cfg.MODEL.SEGCLIP.SIZE_DIVISIBILITY = 64
+    old = yaml.safe_load(cfg.dump())
+    for key in REMOVED_KEYS:
+        section, name = key.split(".")
+        old[section][name] = -1
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(old))
+    loaded = add_segclip_config(get_cfg())
+    with caplog.at_level("WARNING"):
+        loaded.merge_from_file(str(saved))
+    assert loaded.MODEL.SEGCLIP.SIZE_DIVISIBILITY == 64
+    for key in REMOVED_KEYS:
+        assert key in caplog.text
+        assert loaded.key_is_deprecated(key)
+    old["INPUT"]["SIZE_DIVISIBILTY"] = -1  # a typo is not a removed key
+    saved.write_text(yaml.safe_dump(old))
+    with pytest.raises(KeyError, match="SIZE_DIVISIBILTY"):
+        add_segclip_config(get_cfg()).merge_from_file(str(saved))
