@@ -42,12 +42,19 @@ def parse_gsd(text: str) -> str | float:
     return v
 
 
-def pixel_size_m(crs, transform) -> float | None:
-    """Mean pixel side in metres, or ``None`` without a projected CRS in metres."""
+def metres_per_unit(crs, transform) -> float | None:
+    """Metres per CRS unit of a georeferenced raster, or ``None`` when the CRS or transform is
+    missing or the CRS is not projected (no linear unit)."""
     if crs is None or transform is None or not crs.is_projected:
         return None
     factor = crs.linear_units_factor[1] if crs.linear_units_factor else None
-    if not factor:
+    return factor or None
+
+
+def pixel_size_m(crs, transform) -> float | None:
+    """Mean pixel side in metres, or ``None`` without a projected CRS in metres."""
+    factor = metres_per_unit(crs, transform)
+    if factor is None:
         return None
     a, e = abs(transform.a), abs(transform.e)
     if a == 0 or e == 0:

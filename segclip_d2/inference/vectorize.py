@@ -21,6 +21,7 @@ import numpy as np
 
 from ..data.dataset_facts import IGNORE_LABEL
 from ..utils.atomic import atomic_output
+from .gsd import metres_per_unit
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +35,8 @@ RowReader = Callable[[int, int], np.ndarray]
 
 def pixel_area_m2(crs, transform) -> float | None:
     """Area of one pixel in m², or ``None`` when the CRS is missing or not projected in metres."""
-    if crs is None or transform is None or not crs.is_projected:
-        return None
-    factor = crs.linear_units_factor[1] if crs.linear_units_factor else None
-    if not factor:
+    factor = metres_per_unit(crs, transform)
+    if factor is None:
         return None
     return abs(transform.a * transform.e - transform.b * transform.d) * factor * factor
 
