@@ -19,6 +19,7 @@ test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 lint: setup
+	.venv/bin/lint-imports
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 

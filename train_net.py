@@ -37,7 +37,9 @@ from detectron2.utils.logger import setup_logger
 
 import segclip_d2.modeling.meta_arch  # noqa: F401  (registers SegCLIP)
 from segclip_d2 import add_segclip_config, compat
+from segclip_d2.checkpoint.checkpointer import InferenceCheckpointer
 from segclip_d2.cli import add_inference_arguments, apply_inference_arguments
+from segclip_d2.config import load_config
 from segclip_d2.engine import SegCLIPTrainer, launch, write_color_prediction
 from segclip_d2.errors import (
     UserError,
@@ -47,11 +49,9 @@ from segclip_d2.errors import (
     check_weights_file,
     check_writable_dir,
     contract_parser,
-    load_config,
     run_main,
 )
-from segclip_d2.inference.optimize import optimize_for_inference
-from segclip_d2.utils.checkpoint import InferenceCheckpointer
+from segclip_d2.predict.optimize import optimize_for_inference
 
 logger = logging.getLogger("segclip_d2.train_net")
 

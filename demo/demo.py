@@ -56,7 +56,7 @@ _INPUT_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeEr
 def get_parser() -> argparse.ArgumentParser:
     from segclip_d2.cli import add_inference_arguments
     from segclip_d2.errors import ArgumentParser
-    from segclip_d2.inference.geo_outputs import add_output_arguments
+    from segclip_d2.geo.outputs import add_output_arguments
 
     p = ArgumentParser(description="SegCLIP demo on images and GeoTIFFs")
     p.add_argument("--config-file", metavar="FILE", help="model config (YAML); not with --onnx")
@@ -101,7 +101,7 @@ def get_parser() -> argparse.ArgumentParser:
 def setup_cfg(args):
     import segclip_d2  # noqa: F401  (registers the datasets)
     from segclip_d2.cli import apply_inference_arguments
-    from segclip_d2.errors import load_config
+    from segclip_d2.config import load_config
 
     cfg = load_config(args.config_file, args.opts)
     apply_inference_arguments(cfg, args)
@@ -120,7 +120,7 @@ def expand_inputs(patterns) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files of ``patterns`` (files, folders, globs, VRT mosaics; GDAL paths such as
     ``/vsicurl/...`` or ``s3://...`` are kept as given), in order, without duplicates; and
     ``(pattern, reason)`` for patterns that match nothing."""
-    from segclip_d2.inference.io import IMAGE_EXTS, is_remote
+    from segclip_d2.raster.io import IMAGE_EXTS, is_remote
 
     files: list[Path | str] = []
     missing: list[tuple[str, str]] = []
@@ -178,10 +178,10 @@ def build_predictor(cfg):
     import segclip_d2.modeling  # noqa: F401  (registers the model parts)
     import segclip_d2.modeling.backbone  # noqa: F401  (CLIP ResNet backbone)
     import segclip_d2.modeling.meta_arch  # noqa: F401  (SegCLIP)
+    from segclip_d2.checkpoint.checkpointer import InferenceCheckpointer
     from segclip_d2.errors import check_weights_file
-    from segclip_d2.inference import SegInferencer
-    from segclip_d2.inference.optimize import optimize_for_inference
-    from segclip_d2.utils.checkpoint import InferenceCheckpointer
+    from segclip_d2.predict import SegInferencer
+    from segclip_d2.predict.optimize import optimize_for_inference
 
     check_weights_file(cfg.MODEL.WEIGHTS, "--opts MODEL.WEIGHTS")
     model = build_model(cfg)
@@ -192,14 +192,14 @@ def build_predictor(cfg):
     else:
         logger.warning("MODEL.WEIGHTS is empty: the model is randomly initialised")
     model = optimize_for_inference(model, cfg.MODEL.DEVICE, cfg.TEST.PRECISION)
-    inferencer = getattr(model, "inferencer", None) or SegInferencer(cfg)
+    inferencer = SegInferencer(cfg)
     return model, inferencer
 
 
 def process_input(path, stem: str, out_dir: Path, predictor, opts, gsd_policy, args) -> str:
     """Predict one input and write its outputs; returns a one-line summary."""
-    from segclip_d2.inference.geo_outputs import predict_to_outputs
-    from segclip_d2.inference.io import open_source, parse_bands
+    from segclip_d2.geo.outputs import predict_to_outputs
+    from segclip_d2.raster.io import open_source, parse_bands
 
     t0 = time.perf_counter()
     src = open_source(path, parse_bands(args.bands))
@@ -226,7 +226,7 @@ def preflight(args):
         check_weights_file,
         check_writable_dir,
     )
-    from segclip_d2.inference.io import parse_bands
+    from segclip_d2.raster.io import parse_bands
 
     try:
         parse_bands(args.bands)
@@ -271,15 +271,15 @@ def _main(argv=None) -> int:
     if args.onnx:
         return main_onnx(args)
 
-    from segclip_d2.inference.io import remove_stale_temps, write_png
-    from segclip_d2.inference.visualize import draw_legend, vocabulary_colors
+    from segclip_d2.data.visualize import draw_legend, vocabulary_colors
+    from segclip_d2.raster.io import remove_stale_temps, write_png
 
     cfg, classes, colors, custom = preflight(args)
 
     from segclip_d2.errors import UserError
-    from segclip_d2.inference.batch import Launch, shard, write_manifest
-    from segclip_d2.inference.geo_outputs import output_options
-    from segclip_d2.inference.gsd import GsdPolicy, model_gsd, parse_gsd
+    from segclip_d2.geo.batch import Launch, shard, write_manifest
+    from segclip_d2.geo.gsd import GsdPolicy, model_gsd, parse_gsd
+    from segclip_d2.geo.outputs import output_options
 
     try:
         gsd_option = parse_gsd(args.gsd)
@@ -306,7 +306,7 @@ def _main(argv=None) -> int:
         classes = custom
     logger.info("inference: %s", inferencer)
 
-    from segclip_d2.inference.pipeline import ClassPredictor
+    from segclip_d2.predict.blocks import ClassPredictor
 
     predictor = ClassPredictor(model.predict_sem_seg_probs, inferencer, device)
     opts = output_options(args, classes, colors)
@@ -352,13 +352,13 @@ def main_onnx(args) -> int:
     """``--onnx``: the exported model through onnxruntime (no torch / detectron2 import); the
     same blocks, outputs (probabilities, confidence, COG, polygons), GSD handling and manifest as
     the PyTorch path, in one process."""
+    from segclip_d2.data.visualize import draw_legend
     from segclip_d2.deploy.onnx_predictor import OnnxSegmenter
     from segclip_d2.errors import UserError, check_writable_dir
-    from segclip_d2.inference.batch import write_manifest
-    from segclip_d2.inference.geo_outputs import output_options
-    from segclip_d2.inference.gsd import GsdPolicy, parse_gsd
-    from segclip_d2.inference.io import parse_bands, remove_stale_temps, write_png
-    from segclip_d2.inference.visualize import draw_legend
+    from segclip_d2.geo.batch import write_manifest
+    from segclip_d2.geo.gsd import GsdPolicy, parse_gsd
+    from segclip_d2.geo.outputs import output_options
+    from segclip_d2.raster.io import parse_bands, remove_stale_temps, write_png
 
     try:
         parse_bands(args.bands)
@@ -434,8 +434,8 @@ def output_stems(files) -> list[str]:
 
 def _run_inputs(jobs, out_dir, predictor, opts, gsd_policy, args) -> list[dict]:
     """Process every ``(index, (path, stem))``; returns one manifest record per input."""
-    from segclip_d2.inference.geo_outputs import expected_outputs, outputs_complete
-    from segclip_d2.inference.io import is_raster_path
+    from segclip_d2.geo.outputs import expected_outputs, outputs_complete
+    from segclip_d2.raster.io import is_raster_path
 
     records = []
     for index, (path, stem) in jobs:

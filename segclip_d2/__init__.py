@@ -3,7 +3,7 @@
 Importing the package registers its datasets, dataset mappers, backbones, pixel decoder and
 meta-architecture in detectron2's registries. Without torch / detectron2 installed only the
 torch-free parts import (the ONNX deployment path: ``segclip_d2.deploy.onnx_predictor``, the
-raster I/O and visualisation of ``segclip_d2.inference``).
+raster I/O and visualisation of ``segclip_d2.predict``).
 """
 
 from ._torchless import missing_torch_stack

@@ -30,6 +30,6 @@ def hub_offline(monkeypatch):
 @pytest.fixture
 def private_model_cache(monkeypatch):
     """Models loaded from temporary checkpoints are dropped after the test (400 MB each)."""
-    from segclip_d2.utils import weights
+    from segclip_d2.checkpoint import pretrained as weights
 
     monkeypatch.setattr(weights, "_MODELS", dict(weights._MODELS))

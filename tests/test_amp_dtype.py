@@ -9,7 +9,7 @@ from detectron2.config import get_cfg
 from segclip_d2 import add_segclip_config
 from segclip_d2.engine.trainer import amp_dtype_for
 from segclip_d2.errors import UserError
-from segclip_d2.inference import precision as prec
+from segclip_d2.predict import precision as prec
 from segclip_d2.utils import hardware
 
 
@@ -106,7 +106,7 @@ def test_inference_auto_uses_the_same_decision(native, caplog):
     assert prec.effective_precision("auto", "cpu") == "bf16"
     native(False)
     assert prec.effective_precision("auto", "cpu") == "fp32"
-    with caplog.at_level(logging.WARNING, logger="segclip_d2.inference.precision"):
+    with caplog.at_level(logging.WARNING, logger="segclip_d2.predict.precision"):
         assert prec.effective_precision("bf16", "cpu") == "bf16"
     assert "slower than fp32" in caplog.text
     assert prec.effective_precision("fp32", "cpu") == "fp32"

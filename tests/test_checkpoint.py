@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from segclip_d2.utils.checkpoint import CorruptCheckpointError, SegCLIPCheckpointer
+from segclip_d2.checkpoint.checkpointer import CorruptCheckpointError, SegCLIPCheckpointer
 
 
 class Counter:

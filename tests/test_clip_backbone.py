@@ -9,9 +9,9 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_backbone
 from torch import nn
 
+from segclip_d2.checkpoint import pretrained as weights
 from segclip_d2.config import add_segclip_config
 from segclip_d2.modeling.backbone import CLIPResNetBackbone
-from segclip_d2.utils import weights
 
 EXPECTED = {"res2": (256, 4), "res3": (512, 8), "res4": (1024, 16), "res5": (2048, 32)}
 
@@ -159,11 +159,13 @@ def test_text_encoder_and_backbone_each_warn_once(monkeypatch, tmp_path, caplog)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setattr(weights, "_RESOLVED", {})
     monkeypatch.setattr(weights, "_WARNED", set())
-    with caplog.at_level(logging.WARNING, logger="segclip_d2.utils.weights"):
+    with caplog.at_level(logging.WARNING, logger="segclip_d2.checkpoint.pretrained"):
         for _ in range(2):
             FrozenCLIPTextEncoder(pretrained="openai")(["road"])  # loads the tower: warns
             CLIPResNetBackbone(pretrained="openai", out_features=["res2"])
-    messages = [r.getMessage() for r in caplog.records if r.name == "segclip_d2.utils.weights"]
+    messages = [
+        r.getMessage() for r in caplog.records if r.name == "segclip_d2.checkpoint.pretrained"
+    ]
     assert len(messages) == 2
     assert "MODEL.SEGCLIP.TEXT.PRETRAINED" in messages[0]
     assert "MODEL.CLIP_RESNET.PRETRAINED" in messages[1]

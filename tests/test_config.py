@@ -12,7 +12,7 @@ import yaml
 from detectron2.config import CfgNode, get_cfg
 
 from segclip_d2 import add_segclip_config
-from segclip_d2.utils import weights
+from segclip_d2.checkpoint import pretrained as weights
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((REPO / "configs").rglob("*.yaml"))
@@ -68,12 +68,12 @@ def test_every_yaml_loads(path):
 
 
 def test_every_added_key_has_a_comment():
-    source = (REPO / "segclip_d2" / "config.py").read_text().splitlines()
+    source = (REPO / "segclip_d2" / "config" / "defaults.py").read_text().splitlines()
     for i, line in enumerate(source):
         m = re.match(r"\s*cfg\.([A-Z0-9_.]+) = (?!CN\(\))", line)
         if m:
             assert source[i - 1].strip().startswith("#"), (
-                f"config.py:{i + 1} {m.group(1)} lacks a comment"
+                f"config/defaults.py:{i + 1} {m.group(1)} lacks a comment"
             )
 
 
@@ -134,13 +134,14 @@ def _load(path: Path) -> CfgNode:
 
 
 def _build_everything(cfg: CfgNode, output_dir: Path, monkeypatch) -> None:
-    """What training, evaluation and the demo build from a config: the trainer (model with
-    its inferencer, optimizer, gradient clipper, LR scheduler, checkpointer, hooks) and its
-    weight loading, the train loader and mapper, the test mapper and evaluator of every test
-    set. Only the data and weight files are left out (the datasets are not prepared here)."""
+    """What training, evaluation and the demo build from a config: the trainer (model,
+    optimizer, gradient clipper, LR scheduler, checkpointer, hooks) and its weight loading, the
+    inferencer, the train loader and mapper, the test mapper and evaluator of every test set.
+    Only the data and weight files are left out (the datasets are not prepared here)."""
     import segclip_d2.engine.data as engine_data
     from segclip_d2.data.mapper import build_test_mapper
     from segclip_d2.engine import SegCLIPTrainer
+    from segclip_d2.predict import SegInferencer
 
     monkeypatch.setattr(engine_data, "get_detection_dataset_dicts", lambda *a, **k: [{}])
     trainer = SegCLIPTrainer(cfg)
@@ -149,6 +150,7 @@ def _build_everything(cfg: CfgNode, output_dir: Path, monkeypatch) -> None:
     with warnings.catch_warnings():  # the recipe's worker count vs this machine's cores
         warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
         trainer.build_train_loader(trainer.cfg)
+    SegInferencer(cfg)  # evaluation and the demo run the model through it
     for name in cfg.DATASETS.TEST:
         build_test_mapper(cfg, name)
         SegCLIPTrainer.build_evaluator(cfg, name, str(output_dir / name))

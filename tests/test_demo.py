@@ -288,7 +288,10 @@ def test_demo_unreachable_remote_weights_give_one_clear_error(tmp_path, capsys):
 
 
 def test_weight_error_explanation_leaves_local_and_other_errors_alone():
-    from segclip_d2.utils.checkpoint import WeightsUnavailableError, explain_weight_fetch_errors
+    from segclip_d2.checkpoint.checkpointer import (
+        WeightsUnavailableError,
+        explain_weight_fetch_errors,
+    )
 
     with pytest.raises(FileNotFoundError):
         with explain_weight_fetch_errors("/no/such/model.pth"):

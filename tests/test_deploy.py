@@ -20,9 +20,9 @@ from test_train import TINY_MODEL_OPTS
 
 import segclip_d2.modeling.meta_arch  # noqa: F401
 from segclip_d2 import add_segclip_config
-from segclip_d2.utils import weights
-from segclip_d2.utils.checkpoint import InferenceCheckpointer, ModelCardCheckpointer
-from segclip_d2.utils.model_card import CARD_KEY, build_model_card
+from segclip_d2.checkpoint import pretrained as weights
+from segclip_d2.checkpoint.card import CARD_KEY, build_model_card
+from segclip_d2.checkpoint.checkpointer import InferenceCheckpointer, ModelCardCheckpointer
 
 REPO = Path(__file__).resolve().parents[1]
 TILE = 64
@@ -215,7 +215,7 @@ def test_export_fails_loudly_when_the_round_trip_disagrees(exported, capsys):
 def test_export_refuses_a_model_optimised_for_inference(trained, tmp_path):
     """The CPU execution tricks are not part of the network: export takes the plain model."""
     from segclip_d2.deploy.export import export_onnx
-    from segclip_d2.inference.optimize import inference_copy
+    from segclip_d2.predict.optimize import inference_copy
 
     fast = inference_copy(trained["model"], "cpu")
     out = tmp_path / "fast.onnx"

@@ -1,11 +1,11 @@
-"""Inputs that are what they seem (segclip_d2.inference.io): truncated files of every format are
+"""Inputs that are what they seem (segclip_d2.raster.io): truncated files of every format are
 failed inputs, band meaning comes from colour tags, GDAL's own error text is in the message."""
 
 import cv2
 import numpy as np
 import pytest
 
-from segclip_d2.inference.io import InputError, open_source
+from segclip_d2.raster.io import InputError, open_source
 
 
 def _image(h=192, w=160, channels=3):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 
-from segclip_d2.layers.frozen_bn_folding import Conv2dFoldedFrozenBN, enable_frozen_bn_folding
+from segclip_d2.predict.frozen_bn_folding import Conv2dFoldedFrozenBN, enable_frozen_bn_folding
 
 
 def _block(seed=0, bias=False):

@@ -7,8 +7,8 @@ import torch
 from affine import Affine
 from rasterio.crs import CRS
 
-from segclip_d2.inference.slide import slide_inference, taper_1d, window_weight
-from segclip_d2.inference.vectorize import _label_classes, polygonize, write_polygons
+from segclip_d2.geo.vectorize import _label_classes, polygonize, write_polygons
+from segclip_d2.predict.slide import slide_inference, taper_1d, window_weight
 
 UTM = CRS.from_epsg(32650)
 TF = Affine(0.5, 0, 500000, 0, -0.5, 3400000)  # 0.5 m pixels
@@ -146,7 +146,7 @@ class Recorder:
 def test_gsd_policy_resamples_only_projected_rasters_off_by_more_than_ten_percent(caplog):
     from types import SimpleNamespace
 
-    from segclip_d2.inference.gsd import GsdPolicy, parse_gsd
+    from segclip_d2.geo.gsd import GsdPolicy, parse_gsd
 
     def src(px, crs=UTM):
         return SimpleNamespace(crs=crs, transform=Affine(px, 0, 0, 0, -px, 0), path="r.tif")
@@ -186,8 +186,8 @@ def write_raster(path, rgb, px=0.15, crs=UTM):
 def test_a_015m_raster_is_predicted_at_03m_and_returned_on_its_own_grid(tmp_path):
     import rasterio
 
-    from segclip_d2.inference.geo_outputs import OutputOptions, predict_to_outputs
-    from segclip_d2.inference.io import open_source
+    from segclip_d2.geo.outputs import OutputOptions, predict_to_outputs
+    from segclip_d2.raster.io import open_source
 
     rng = np.random.default_rng(0)
     rgb = np.repeat(rng.integers(0, 256, (90, 70, 1), dtype=np.uint8), 3, axis=2)
@@ -211,7 +211,7 @@ def test_a_015m_raster_is_predicted_at_03m_and_returned_on_its_own_grid(tmp_path
 
 # ------------------------------------------------------------------ rasters
 def test_confidence_bands_are_top1_and_margin():
-    from segclip_d2.inference.io import confidence_bands
+    from segclip_d2.raster.io import confidence_bands
 
     p = np.array([[[0.2]], [[0.5]], [[0.3]]], np.float32)
     np.testing.assert_allclose(confidence_bands(p, (1, 1))[:, 0, 0], [0.5, 0.2], atol=1e-6)
@@ -246,7 +246,7 @@ class ProbSink:
 
 
 def _ramp_source(h=100, w=90):
-    from segclip_d2.inference.io import ArraySource
+    from segclip_d2.raster.io import ArraySource
 
     # A smooth left-to-right ramp: every block has another mean brightness.
     rgb = np.repeat(np.linspace(0, 255, w)[None, :, None], h, 0).repeat(3, 2).astype(np.uint8)
@@ -258,7 +258,7 @@ def _ramp_source(h=100, w=90):
 def _seam_step(blend):
     """Largest column-to-column change of class-1 probability at the block seams (x = 32, 64)
     and inside a block, for blocks of 32 with margin 8."""
-    from segclip_d2.inference.pipeline import predict_source
+    from segclip_d2.predict.blocks import predict_source
 
     sink = ProbSink(100, 90)
     predict_source(_ramp_source(), WindowContext(), [sink], block_size=32, margin=8, blend=blend)
@@ -278,8 +278,8 @@ def test_block_blending_tapers_the_seams_that_cropping_leaves(blend):
 
 
 def test_block_blending_keeps_only_a_strip_of_pending_sums():
-    from segclip_d2.inference import pipeline
-    from segclip_d2.inference.io import ArraySource
+    from segclip_d2.predict import blocks as pipeline
+    from segclip_d2.raster.io import ArraySource
 
     src = ArraySource.__new__(ArraySource)
     h = w = 256

@@ -4,8 +4,14 @@ real model."""
 import pytest
 import torch
 
-from segclip_d2.inference import SegInferencer, build_views, window_boxes, window_starts
-from segclip_d2.inference.precision import effective_precision
+from segclip_d2.predict import (
+    SegInferencer,
+    SegmentorWithInference,
+    build_views,
+    window_boxes,
+    window_starts,
+)
+from segclip_d2.predict.precision import effective_precision
 
 K = 5
 
@@ -56,9 +62,9 @@ def test_windows_share_one_size_even_when_image_is_smaller_than_crop():
 
 def test_slide_equals_whole_when_crop_covers_the_image():
     img = _image(70, 90)
-    whole = SegInferencer(mode="whole", size_divisibility=32)(context_dependent, img)
+    whole = SegInferencer(mode="whole")(context_dependent, img)
     for crop in [(70, 90), (128, 128), (512, 512)]:
-        slide = SegInferencer(mode="slide", crop_size=crop, stride=crop, size_divisibility=32)
+        slide = SegInferencer(mode="slide", crop_size=crop, stride=crop)
         torch.testing.assert_close(slide(context_dependent, img), whole, rtol=0, atol=0)
 
 
@@ -81,9 +87,7 @@ def test_slide_differs_from_whole_when_windows_see_different_context():
 def test_slide_equals_whole_for_position_independent_predictor(crop, stride, batch):
     img = _image(77, 101, seed=1)
     whole = SegInferencer(mode="whole")(pixelwise, img)
-    inf = SegInferencer(
-        mode="slide", crop_size=crop, stride=stride, batch_size=batch, size_divisibility=16
-    )
+    inf = SegInferencer(mode="slide", crop_size=crop, stride=stride, batch_size=batch)
     out = inf(pixelwise, img)
     assert out.shape == (K, 77, 101) and out.dtype == torch.float32
     torch.testing.assert_close(out, whole, rtol=0, atol=1e-6)
@@ -92,7 +96,8 @@ def test_slide_equals_whole_for_position_independent_predictor(crop, stride, bat
     assert inf.num_predict_calls == -(-n_windows // batch)
 
 
-def test_each_call_pads_to_size_divisibility_with_pixel_mean_and_crops_back():
+def test_each_call_gets_the_image_unpadded():
+    """The model pads to its size divisibility itself: the inferencer pads nothing (once only)."""
     seen = []
 
     def spy(images):
@@ -100,10 +105,8 @@ def test_each_call_pads_to_size_divisibility_with_pixel_mean_and_crops_back():
         return pixelwise(images)
 
     img = _image(50, 70)
-    out = SegInferencer(mode="whole", size_divisibility=32, pad_value=(1.0, 2.0, 3.0))(spy, img)
-    assert seen[0].shape == (1, 3, 64, 96)
-    assert torch.equal(seen[0][0, :, :50, :70], img)
-    assert torch.equal(seen[0][0, :, 50:, :].mean(dim=(1, 2)), torch.tensor([1.0, 2.0, 3.0]))
+    out = SegInferencer(mode="whole")(spy, img)
+    assert seen[0].shape == (1, 3, 50, 70) and torch.equal(seen[0][0], img)
     assert out.shape == (K, 50, 70)
 
 
@@ -125,7 +128,7 @@ def test_tta_with_identity_only_views_equals_plain_inference():
 @pytest.mark.parametrize("mode", ["whole", "slide"])
 def test_tta_flips_and_rotations_of_equivariant_predictor_equal_plain(mode):
     img = _image(40, 72, seed=2)
-    kw = dict(mode=mode, crop_size=(32, 48), stride=(16, 24), size_divisibility=8)
+    kw = dict(mode=mode, crop_size=(32, 48), stride=(16, 24))
     plain = SegInferencer(**kw)(pixelwise, img)
     tta = SegInferencer(**kw, tta_enabled=True, tta_flips=("h", "v"), tta_rotations=(90, 180, 270))
     assert len(tta.views) == 6
@@ -221,7 +224,6 @@ def test_from_config_reads_test_keys():
     cfg.TEST.TTA.ROTATIONS = []
     cfg.TEST.TTA.SCALES = [0.75]
     cfg.TEST.PRECISION = "bf16"
-    cfg.MODEL.SEGCLIP.SIZE_DIVISIBILITY = 16
     inf = SegInferencer(cfg)
     assert (inf.mode, inf.crop_size, inf.stride, inf.batch_size) == (
         "slide",
@@ -229,13 +231,13 @@ def test_from_config_reads_test_keys():
         (200, 100),
         2,
     )
-    assert len(inf.views) == 4 and inf.precision == "bf16" and inf.size_divisibility == 16
-    assert inf.pad_value == tuple(float(v) for v in cfg.MODEL.PIXEL_MEAN)
+    assert len(inf.views) == 4 and inf.precision == "bf16"
 
 
-def test_tiny_segclip_eval_runs_through_its_inferencer(tmp_path):
-    """The real (tiny, random) model: its eval forward goes through SegInferencer, and sliding
-    windows whose crop covers the image reproduce whole-image inference."""
+def test_tiny_segclip_eval_is_one_whole_image_pass_and_the_wrapper_runs_the_modes(tmp_path):
+    """The real (tiny, random) model: its eval forward is one whole-image pass; the model wrapped
+    with SegmentorWithInference gives the same result in whole mode, and sliding windows whose
+    crop covers the image reproduce it."""
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
     from test_demo import TINY_CONFIG  # tests/ is on sys.path (rootdir-relative imports)
@@ -250,20 +252,24 @@ def test_tiny_segclip_eval_runs_through_its_inferencer(tmp_path):
     cfg = get_cfg()
     add_segclip_config(cfg)
     cfg.merge_from_file(str(cfg_file))
+    cfg.TEST.PRECISION = "fp32"  # compared with the model's own fp32 pass
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    assert isinstance(model.inferencer, SegInferencer)
+    assert not hasattr(model, "inferencer")  # the model does not know how it is run
     image = (torch.rand(3, 40, 72) * 255).to(torch.uint8)
     with torch.no_grad():
         (out,) = model([{"image": image, "height": 40, "width": 72}])
-    assert model.inferencer.num_predict_calls == 1
+        wrapped = SegmentorWithInference(model, SegInferencer(cfg))
+        (out_wrapped,) = wrapped([{"image": image, "height": 40, "width": 72}])
+    assert wrapped.inferencer.num_predict_calls == 1
     probs = out["sem_seg"]
+    torch.testing.assert_close(out_wrapped["sem_seg"], probs, rtol=0, atol=1e-6)
     assert probs.shape == (7, 40, 72) and torch.isfinite(probs).all()
     cfg.defrost()
     cfg.TEST.MODE = "slide"
     cfg.TEST.SLIDE.CROP_SIZE = (64, 96)
     cfg.TEST.SLIDE.STRIDE = (32, 32)
-    slide = SegInferencer(cfg)  # pads with the pixel mean, like the model's own inferencer
+    slide = SegInferencer(cfg)
     torch.testing.assert_close(
         slide(model.predict_sem_seg_probs, image.float()), probs, rtol=0, atol=1e-6
     )

@@ -239,7 +239,7 @@ def test_bgr_input_format_is_rejected():
 def test_cpu_input_gets_canonical_channels_last_strides():
     """An image batch made from an HWC array (batch stride 3) must reach the backbone with
     canonical channels-last strides, or oneDNN runs the whole backbone in NCHW."""
-    from segclip_d2.inference.optimize import canonical_channels_last as _canonical_channels_last
+    from segclip_d2.predict.optimize import canonical_channels_last as _canonical_channels_last
 
     hwc = torch.randn(40, 24, 3).permute(2, 0, 1)[None]
     assert hwc.is_contiguous(memory_format=torch.channels_last) and hwc.stride(0) == 3

@@ -491,7 +491,7 @@ def test_inference_softmax_is_fp32_and_exact():
 def test_reduced_precision_values_are_projected_in_the_autocast_dtype(impl):
     """Under bf16 autocast project_value returns the projection as computed (bf16); the op
     wrapper reads it as the kernel needs it (converting once per call is an execution
-    strategy of segclip_d2.inference.optimize's chunked encoder layers). The result matches
+    strategy of segclip_d2.predict.optimize's chunked encoder layers). The result matches
     fp32 closely."""
     torch.manual_seed(5)
     module = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3, impl=impl).eval()

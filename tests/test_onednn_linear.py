@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import segclip_d2.layers.onednn_linear as odl
-from segclip_d2.layers.onednn_linear import linear
+import segclip_d2.predict.onednn_linear as odl
+from segclip_d2.predict.onednn_linear import linear
 
 needs_onednn = pytest.mark.skipif(
     not odl.onednn_linear_supported(), reason="this torch build has no oneDNN linear op"
@@ -85,8 +85,8 @@ def test_cpu_kernel_mode_routes_module_and_attention_linears_and_keeps_state(cou
     """optimize_for_inference's CPU kernel mode sends every float32 F.linear of a module's
     forward without autograd to oneDNN (nn.Linear layers and the decoder's attention
     projections alike), with F.linear's results; with autograd nothing changes."""
-    from segclip_d2.inference.optimize import install_cpu_kernels
     from segclip_d2.modeling.transformer_decoder.attention_layers import SelfAttentionLayer
+    from segclip_d2.predict.optimize import install_cpu_kernels
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), SelfAttentionLayer(8, 2), nn.Linear(8, 3))

@@ -9,10 +9,10 @@ import torch
 from test_model_segclip import _image, build  # tests/ is on sys.path (rootdir import mode)
 from test_train import tiny_cfg, tiny_synthetic  # noqa: F401  (fixture)
 
-import segclip_d2.inference.optimize as opt
-from segclip_d2.layers import onednn_linear
-from segclip_d2.layers.frozen_bn_folding import Conv2dFoldedFrozenBN
+import segclip_d2.predict.optimize as opt
 from segclip_d2.modeling.transformer_decoder.attention_layers import CrossAttentionLayer
+from segclip_d2.predict import onednn_linear
+from segclip_d2.predict.frozen_bn_folding import Conv2dFoldedFrozenBN
 
 SIZE = (61, 90)  # not divisible by 32: padding and cropping included
 

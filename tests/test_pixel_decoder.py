@@ -130,7 +130,7 @@ def test_chunked_encoder_and_cpu_kernels_equal_plain_decoder(impl, bf16):
     (chunks of 7 tokens: uneven, smaller than every level, with padding), fp32 and bf16."""
     import copy
 
-    from segclip_d2.inference.optimize import (
+    from segclip_d2.predict.optimize import (
         ChunkedEncoderLayer,
         chunk_encoder_layers,
         install_cpu_kernels,

@@ -1,7 +1,7 @@
 """Frozen CLIP text encoder (TMP text side) and the shared open_clip weight loading.
 
 Everything runs offline with randomly initialised RN50 weights; the model is built once per test
-session (segclip_d2.utils.weights caches it).
+session (segclip_d2.checkpoint.pretrained caches it).
 """
 
 import copy
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from segclip_d2.checkpoint import pretrained as weights
 from segclip_d2.modeling.text_encoder import FrozenCLIPTextEncoder, TextEncoderMismatchError
-from segclip_d2.utils import weights
 
 LOVEDA = ["background", "building", "road", "water", "barren", "forest", "agriculture"]
 
@@ -160,11 +160,11 @@ def test_from_config():
 
 
 def test_offline_missing_weights_warn_once_and_random_init(empty_caches, caplog):
-    with caplog.at_level(logging.WARNING, logger="segclip_d2.utils.weights"):
+    with caplog.at_level(logging.WARNING, logger="segclip_d2.checkpoint.pretrained"):
         enc = FrozenCLIPTextEncoder(model_name="RN50", pretrained="openai")
         again = FrozenCLIPTextEncoder(model_name="RN50", pretrained="openai")
         enc(LOVEDA), again(LOVEDA)
-    records = [r for r in caplog.records if r.name == "segclip_d2.utils.weights"]
+    records = [r for r in caplog.records if r.name == "segclip_d2.checkpoint.pretrained"]
     assert len(records) == 1
     message = records[0].getMessage()
     assert "RN50" in message and "openai" in message and "RANDOMLY INITIALISED" in message

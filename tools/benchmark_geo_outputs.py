@@ -38,10 +38,10 @@ def case(args) -> None:
     from benchmark_seams import stand_in
 
     from segclip_d2.data.dataset_facts import get_facts
-    from segclip_d2.inference import SegInferencer
-    from segclip_d2.inference.geo_outputs import OutputOptions, predict_to_outputs
-    from segclip_d2.inference.io import open_source
-    from segclip_d2.inference.pipeline import ClassPredictor
+    from segclip_d2.geo.outputs import OutputOptions, predict_to_outputs
+    from segclip_d2.predict import SegInferencer
+    from segclip_d2.predict.blocks import ClassPredictor
+    from segclip_d2.raster.io import open_source
 
     torch.set_num_threads(args.threads)
     facts = get_facts("loveda")
@@ -52,7 +52,7 @@ def case(args) -> None:
         margin=args.block_margin,
         **VARIANTS[args.variant],
     )
-    predictor = ClassPredictor(stand_in, SegInferencer(size_divisibility=32))
+    predictor = ClassPredictor(stand_in, SegInferencer())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

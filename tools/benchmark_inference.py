@@ -98,7 +98,7 @@ def load_model(config: str, opts: list[str], optimize: bool = True):
     import segclip_d2.modeling.backbone  # noqa: F401  (CLIP ResNet backbone)
     import segclip_d2.modeling.meta_arch  # noqa: F401  (SegCLIP)
     from segclip_d2 import add_segclip_config
-    from segclip_d2.inference import SegInferencer
+    from segclip_d2.predict import SegInferencer
 
     cfg = get_cfg()
     add_segclip_config(cfg)
@@ -108,11 +108,11 @@ def load_model(config: str, opts: list[str], optimize: bool = True):
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:  # main() checked it is a local file (or that random was allowed)
-        from segclip_d2.utils.checkpoint import InferenceCheckpointer
+        from segclip_d2.checkpoint.checkpointer import InferenceCheckpointer
 
         InferenceCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # a trained local checkpoint
     if optimize and os.environ.get("SEGCLIP_PLAIN_MODEL", "0") in ("", "0"):
-        from segclip_d2.inference.optimize import optimize_for_inference
+        from segclip_d2.predict.optimize import optimize_for_inference
 
         optimize_for_inference(model, cfg.MODEL.DEVICE, cfg.TEST.PRECISION)
     return cfg, model, SegInferencer(cfg)
@@ -249,7 +249,7 @@ def case_tiles(args) -> None:
     import numpy as np
     import torch
 
-    from segclip_d2.inference.io import ArraySource
+    from segclip_d2.raster.io import ArraySource
 
     torch.set_num_threads(args.threads)
     cfg, model, inferencer = load_model(args.config, args.opts)
@@ -438,7 +438,7 @@ def mode_ab(args) -> None:
 
     import torch
 
-    from segclip_d2.inference.io import ArraySource
+    from segclip_d2.raster.io import ArraySource
 
     torch.set_num_threads(args.threads)
     config = args.config or str(R50_CONFIG)
@@ -515,7 +515,7 @@ def mode_ab(args) -> None:
         f"\n== one-process A/B, {Path(config).name}, {len(images)} image(s) of 1024x1024, "
         f"CPU {args.threads} threads, median of {len(times['fast fp32'])} =="
     )
-    from segclip_d2.layers import onednn_linear
+    from segclip_d2.predict import onednn_linear
 
     isa = msda_mod._C.cpu_isa() if msda_mod.extension_available() else "not built"
     with torch.no_grad():

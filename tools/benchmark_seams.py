@@ -97,8 +97,8 @@ def main(argv=None) -> int:
     from detectron2.config import get_cfg
 
     from segclip_d2 import add_segclip_config
-    from segclip_d2.inference import SegInferencer, window_boxes
-    from segclip_d2.inference.slide import slide_inference
+    from segclip_d2.predict import SegInferencer, window_boxes
+    from segclip_d2.predict.slide import slide_inference
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", default=str(REPO / "configs/synthetic/segclip_cpu.yaml"))
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     import segclip_d2.modeling  # noqa: F401
     import segclip_d2.modeling.backbone  # noqa: F401
     import segclip_d2.modeling.meta_arch  # noqa: F401
-    from segclip_d2.utils.checkpoint import InferenceCheckpointer
+    from segclip_d2.checkpoint.checkpointer import InferenceCheckpointer
 
     cfg = get_cfg()
     add_segclip_config(cfg)
@@ -195,13 +195,13 @@ def main(argv=None) -> int:
 
 def measure_blocks(args, rgb, ref, predict_fn, inf):
     """The demo's block pipeline (whole-image inference per block) against the whole image."""
-    from segclip_d2.inference.io import ArraySource
-    from segclip_d2.inference.pipeline import (
+    from segclip_d2.predict.blocks import (
         ClassPredictor,
         IdArraySink,
         block_grid,
         predict_source,
     )
+    from segclip_d2.raster.io import ArraySource
 
     size, margin = args.blocks
     src = ArraySource.__new__(ArraySource)

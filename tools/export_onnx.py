@@ -64,9 +64,9 @@ def build(args):
     import segclip_d2.modeling.backbone  # noqa: F401  (registers the backbones)
     import segclip_d2.modeling.meta_arch  # noqa: F401  (SegCLIP)
     from segclip_d2 import add_segclip_config
-    from segclip_d2.utils.checkpoint import CheckpointMismatchError, InferenceCheckpointer
-    from segclip_d2.utils.model_card import build_model_card, read_model_card
-    from segclip_d2.utils.weights import PretrainedWeightsError
+    from segclip_d2.checkpoint.card import build_model_card, read_model_card
+    from segclip_d2.checkpoint.checkpointer import CheckpointMismatchError, InferenceCheckpointer
+    from segclip_d2.checkpoint.pretrained import PretrainedWeightsError
 
     if not os.path.isfile(args.config_file):
         raise UserError(args.config_file, "no such config file")
@@ -103,7 +103,7 @@ def build(args):
     except ValueError as e:
         raise UserError("--classes", str(e)) from e
     if classes:
-        from segclip_d2.inference.visualize import vocabulary_colors
+        from segclip_d2.data.visualize import vocabulary_colors
 
         card = dict(card)
         card["exported_vocabulary"] = {

@@ -494,7 +494,7 @@ def check_inference() -> list[dict]:
     import torch
     from detectron2.modeling import build_model
 
-    from segclip_d2.inference import SegInferencer
+    from segclip_d2.predict import SegInferencer
 
     rows = []
     for mode in ("whole", "slide"):

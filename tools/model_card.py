@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segclip_d2.checkpoint.card import format_model_card  # noqa: E402
 from segclip_d2.errors import UserError, run_main  # noqa: E402
-from segclip_d2.utils.model_card import format_model_card  # noqa: E402
 
 
 def load_card(path: str) -> dict:
@@ -40,7 +40,7 @@ def load_card(path: str) -> dict:
                 path, "has no segclip_model_card metadata", "export it with tools/export_onnx.py"
             )
         return json.loads(meta["segclip_model_card"])
-    from segclip_d2.utils.model_card import read_model_card
+    from segclip_d2.checkpoint.card import read_model_card
 
     card, rest = read_model_card(path)
     if card is None:

@@ -51,7 +51,7 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
     """The plain model as the exporter must see it: standard PyTorch operations only.
 
     ``model`` must be plain (as built and loaded, never passed to
-    :func:`~segclip_d2.inference.optimize.optimize_for_inference`: the CPU execution tricks are
+    :func:`~segclip_d2.predict.optimize.optimize_for_inference`: the CPU execution tricks are
     not part of the network). While tracing:
 
     * every ``MSDeformAttn`` uses its ``grid_sample`` reference (``impl="pytorch"``) instead of
@@ -62,8 +62,8 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
 
     Everything is restored on exit. Raises ValueError for an optimised model.
     """
-    from segclip_d2.inference.optimize import optimized_transforms
     from segclip_d2.layers.ms_deform_attn import MSDeformAttn
+    from segclip_d2.predict.optimize import optimized_transforms
 
     applied = optimized_transforms(model)
     if applied is not None:

@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from segclip_d2.errors import UserError
-from segclip_d2.inference.windows import window_starts
+from segclip_d2.predict.windows import window_starts
 
 IGNORE_LABEL = 255  # segclip_d2.data.dataset_facts.IGNORE_LABEL (no torch import here)
 
@@ -134,7 +134,7 @@ class OnnxSegmenter:
     def __call__(self, rgb: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The demo pipeline's predictor: RGB (h, w, 3) + validity (h, w) -> uint8 class ids
         (``IGNORE_LABEL`` where invalid) and (K, h, w) float32 probabilities (``None`` for a
-        block without a valid pixel), as :class:`segclip_d2.inference.pipeline.ClassPredictor`."""
+        block without a valid pixel), as :class:`segclip_d2.predict.blocks.ClassPredictor`."""
         ids = np.full(rgb.shape[:2], IGNORE_LABEL, dtype=np.uint8)
         if not valid.any():
             return ids, None

@@ -20,15 +20,16 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .. import compat
+from ..checkpoint.card import build_model_card, card_config_fields
+from ..checkpoint.checkpointer import ModelCardCheckpointer, explain_weight_fetch_errors
 from ..data.dataset_facts import get_facts
 from ..data.evaluator import build_evaluator as build_segclip_evaluator
 from ..data.mapper import build_test_mapper, build_train_mapper
 from ..errors import UserError
-from ..inference.optimize import channels_last_input, inference_copy
-from ..utils.checkpoint import ModelCardCheckpointer, explain_weight_fetch_errors
+from ..predict import SegInferencer, SegmentorWithInference
+from ..predict.optimize import channels_last_input, inference_copy
 from ..utils.events import LazyJSONWriter
 from ..utils.hardware import EMULATED_BF16_SLOWDOWN, native_bf16_reason
-from ..utils.model_card import build_model_card, card_config_fields
 from .data import ResumableTrainLoader, build_train_loader
 from .hooks import BestCheckpointer
 from .lr_scheduler import build_lr_scheduler
@@ -212,11 +213,13 @@ class SegCLIPTrainer(DefaultTrainer):
     @classmethod
     def test(cls, cfg, model, evaluators=None):
         """Evaluate an inference-optimised copy of ``model``
-        (:func:`~segclip_d2.inference.optimize.optimize_for_inference`), so that periodic
+        (:func:`~segclip_d2.predict.optimize.optimize_for_inference`), so that periodic
         evaluation leaves the training model plain; a model already optimised (``train_net
-        --eval-only``) is evaluated as it is."""
+        --eval-only``) is evaluated as it is. The copy runs through ``TEST.MODE`` / ``TEST.TTA``
+        (:class:`~segclip_d2.predict.SegmentorWithInference`)."""
         device = next(model.parameters()).device
-        return super().test(cfg, inference_copy(model, device, cfg.TEST.PRECISION), evaluators)
+        fast = inference_copy(model, device, cfg.TEST.PRECISION)
+        return super().test(cfg, SegmentorWithInference(fast, SegInferencer(cfg)), evaluators)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

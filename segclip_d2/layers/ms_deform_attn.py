@@ -47,6 +47,7 @@ names it too, and ``_C.cpu_isas()`` lists the copies this machine can run).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -68,7 +69,9 @@ if os.environ.get("SEGCLIP_DISABLE_EXT", "0") not in ("", "0"):
     _IMPORT_ERROR = "disabled by SEGCLIP_DISABLE_EXT"
 else:
     try:
-        from segclip_d2 import _C  # type: ignore[attr-defined]
+        # The compiled extension, by its full name: it is not Python source, and importing it
+        # through the package (``from segclip_d2 import _C``) would pull in the whole package.
+        _C = importlib.import_module("segclip_d2._C")
     except ImportError as e:  # only a missing/unloadable extension, never other errors
         _C = None
         _IMPORT_ERROR = f"{type(e).__name__}: {e}"
@@ -566,7 +569,7 @@ class MSDeformAttn(nn.Module):
         """Checked value projection: (B, S, C) -> (B, S, H, Dh), zero at padded positions.
 
         Split from :meth:`attend` so that a caller can attend with the queries in chunks while
-        projecting the values once (``segclip_d2.inference.optimize`` does this).
+        projecting the values once (``segclip_d2.predict.optimize`` does this).
         """
         B, S, C = input_flatten.shape
         L = self.n_levels

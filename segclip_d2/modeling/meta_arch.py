@@ -1,15 +1,14 @@
 """SegCLIP meta-architecture: backbone -> pixel decoder -> text-prompted transformer decoder.
 
 Training: mapper dicts (interface D) -> dict of weighted losses (the criterion's output).
-Evaluation: each image goes through ``self.inferencer`` (whole image, windows or TTA views), which
-calls :meth:`SegCLIP.predict_sem_seg_probs`; the result (K, H, W) is resized to the original
-``height``/``width``: ``[{"sem_seg": (K, height, width)}]``.
+Evaluation: one pass over each whole image (:meth:`SegCLIP.predict_sem_seg_probs`), resized to the
+original ``height``/``width``: ``[{"sem_seg": (K, height, width)}]``. Sliding windows and
+test-time augmentation wrap the model from outside (:mod:`segclip_d2.predict`); the model does
+not know how it is run.
 
 Padding: images are padded bottom/right to ``SIZE_DIVISIBILITY`` with zeros after normalisation
-(the pixel mean before it -- what ``SegInferencer`` pads with too), and padded positions are
-treated as image content, as in Mask2Former. No padding mask is given to the pixel decoder: the
-inferencer pads windows before ``predict_sem_seg_probs`` sees them, so only this convention
-keeps training, direct calls and inferencer calls consistent.
+(the pixel mean before it), and padded positions are treated as image content, as in
+Mask2Former. No padding mask is given to the pixel decoder.
 """
 
 import logging
@@ -22,9 +21,6 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import ImageList
 from torch import nn
-
-from segclip_d2.inference import SegInferencer
-from segclip_d2.inference.inferencer import upsample_probs
 
 from .criterion import build_criterion
 from .pixel_decoder import build_pixel_decoder
@@ -48,7 +44,6 @@ class SegCLIP(nn.Module):
         criterion: (outputs, targets) -> dict of weighted losses.
         text_encoder: frozen CLIP text encoder, ``(class_names) -> (K, D)``, caching per
             vocabulary.
-        inferencer: ``(predict_fn, image (3, H, W)) -> (K, H, W)``.
         class_names: the vocabulary (K names, the training dataset's ``stuff_classes``).
         pixel_mean, pixel_std: RGB normalisation.
         size_divisibility: pad images to a multiple of this.
@@ -67,7 +62,6 @@ class SegCLIP(nn.Module):
         predictor: MaskedAttentionDecoder,
         criterion: nn.Module,
         text_encoder: nn.Module,
-        inferencer,
         class_names: Sequence[str],
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
@@ -88,7 +82,6 @@ class SegCLIP(nn.Module):
         self.predictor = predictor
         self.criterion = criterion
         self.text_encoder = text_encoder
-        self.inferencer = inferencer
         self.class_names = list(class_names)
         self.num_train_classes = len(self.class_names)
         self.size_divisibility = int(size_divisibility)
@@ -132,7 +125,6 @@ class SegCLIP(nn.Module):
             "predictor": predictor,
             "criterion": build_criterion(cfg, len(class_names)),
             "text_encoder": text_encoder,
-            "inferencer": SegInferencer(cfg),
             "class_names": class_names,
             "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
             "pixel_std": list(cfg.MODEL.PIXEL_STD),
@@ -274,10 +266,11 @@ class SegCLIP(nn.Module):
         results = []
         for x in batched_inputs:
             image = x["image"].to(self.device).float()  # (3, H, W)
-            probs = self.inferencer(self.predict_sem_seg_probs, image)  # (K, H, W)
-            height = int(x.get("height", image.shape[1]))
-            width = int(x.get("width", image.shape[2]))
-            results.append({"sem_seg": upsample_probs(probs, (height, width))})
+            probs = self.predict_sem_seg_probs(image[None])  # (1, K, H, W)
+            size = (int(x.get("height", image.shape[1])), int(x.get("width", image.shape[2])))
+            if tuple(probs.shape[-2:]) != size:
+                probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+            results.append({"sem_seg": probs[0]})
         return results
 
     def _forward_train(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor]:

@@ -26,15 +26,15 @@ import torch
 from detectron2.config import configurable
 from torch import nn
 
-from segclip_d2.config import PROMPT_TEMPLATE
-from segclip_d2.data.dataset_facts import prompt_name
-from segclip_d2.utils.weights import (
+from segclip_d2.checkpoint.pretrained import (
     check_pretrained_value,
     embed_dim_of,
     file_sha256,
     load_open_clip_model,
     without_visual_tower,
 )
+from segclip_d2.config import PROMPT_TEMPLATE
+from segclip_d2.data.dataset_facts import prompt_name
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +138,9 @@ class FrozenCLIPTextEncoder(nn.Module):
         Args:
             model_name: open_clip model name.
             pretrained: open_clip pretrained tag, local checkpoint path, or "" for random init
-                (see :mod:`segclip_d2.utils.weights` for the offline rules). A path that does not
-                exist or an unknown tag is an error at once; missing weights of a valid tag only
-                matter when the tower is loaded.
+                (see :mod:`segclip_d2.checkpoint.pretrained` for the offline rules). A path that
+                does not exist or an unknown tag is an error at once; missing weights of a valid
+                tag only matter when the tower is loaded.
             require_pretrained: raise instead of warning + random init when a tag's weights are
                 missing (when the tower is loaded).
             prompt_template: prompt with one "{}" replaced by the cleaned class name.

@@ -1,1 +1,1 @@
-"""Small shared helpers (weight loading for open_clip models)."""
+"""Small shared helpers: atomic writes, event files, hardware facts, class colours."""

@@ -18,7 +18,7 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from torch import nn
 
-from segclip_d2.utils.weights import load_open_clip_model
+from segclip_d2.checkpoint.pretrained import load_open_clip_model
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class CLIPResNetBackbone(Backbone):
         Args:
             model_name: open_clip ResNet model name ("RN50", "RN101", "RN50x4" ...).
             pretrained: open_clip tag, local checkpoint path, or "" for random init (the offline
-                rules of :mod:`segclip_d2.utils.weights`).
+                rules of :mod:`segclip_d2.checkpoint.pretrained`).
             out_features: subset of res2..res5 to return.
             freeze_at: 0 = train everything, 1 = freeze the stem, 2 = stem + res2, ... 5 = all.
             norm: "FrozenBN" (BatchNorm as a fixed affine; for small per-GPU batches), "BN"

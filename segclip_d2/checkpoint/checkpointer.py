@@ -202,7 +202,7 @@ class InferenceCheckpointer(SegCLIPCheckpointer):
         with explain_weight_fetch_errors(path):
             extra = super().load(path, checkpointables)
         if path:  # the model card's stored text embeddings replace the CLIP text tower
-            from .model_card import CARD_KEY, apply_model_card
+            from .card import CARD_KEY, apply_model_card
 
             apply_model_card(self.model, (extra or {}).get(CARD_KEY), source=f"checkpoint {path}")
         return extra
@@ -242,7 +242,7 @@ class ModelCardCheckpointer(SegCLIPCheckpointer):
         self._card_fn = card_fn
 
     def save(self, name: str, **kwargs) -> None:
-        from .model_card import CARD_KEY
+        from .card import CARD_KEY
 
         if self.save_dir and self.save_to_disk:
             kwargs.setdefault(CARD_KEY, self._card_fn(dict(kwargs)))

@@ -17,17 +17,17 @@ from pathlib import Path
 import numpy as np
 
 from ..data.dataset_facts import IGNORE_LABEL
-from ..utils.atomic import temp_name
-from .io import (
+from ..data.visualize import colorize, overlay
+from ..predict.blocks import IdArraySink, PreviewSink, ResampledPredictor, predict_source
+from ..raster.io import (
     ConfidenceWriter,
     GeoTiffWriter,
     ProbabilityWriter,
     confidence_bands,
     write_png,
 )
-from .pipeline import IdArraySink, PreviewSink, ResampledPredictor, predict_source
+from ..utils.atomic import temp_name
 from .vectorize import DRIVERS, write_polygons
-from .visualize import colorize, overlay
 
 logger = logging.getLogger(__name__)
 

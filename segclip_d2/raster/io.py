@@ -528,7 +528,7 @@ class GeoTiffWriter(RasterWriter):
         self.write_bands(y, x, ids.astype(np.uint8)[None])
 
     def add(self, y: int, x: int, ids: np.ndarray, rgb: np.ndarray, probs=None) -> None:
-        """Sink interface of :func:`~segclip_d2.inference.pipeline.predict_source`."""
+        """Sink interface of :func:`~segclip_d2.predict.blocks.predict_source`."""
         self.write(y, x, ids)
 
 

@@ -5,11 +5,11 @@ the same computation run faster; every transform changes results by float roundi
 (``tests/test_optimize.py`` checks each one against the plain model):
 
 * ``fold_frozen_bn``: ``FrozenBatchNorm2d`` folded into the convolution before it (one pass per
-  backbone activation less; :mod:`segclip_d2.layers.frozen_bn_folding`).
+  backbone activation less; :mod:`segclip_d2.predict.frozen_bn_folding`).
 * ``channels_last_input`` (CPU): the backbone's input in canonical channels-last layout; oneDNN
   convolutions are ~1.5x faster on it, and the layout carries through the network.
 * ``cpu_kernels`` (CPU): inside the pixel decoder and the transformer decoder, float32
-  ``F.linear`` goes through oneDNN's linear primitive (:mod:`segclip_d2.layers.onednn_linear`;
+  ``F.linear`` goes through oneDNN's linear primitive (:mod:`segclip_d2.predict.onednn_linear`;
   ``SEGCLIP_ONEDNN_LINEAR=0`` turns this off) and softmax over short rows (the deformable
   attention's L * P = 12 weights) is computed as exp(x - max) / sum, ~5x faster than
   ``Tensor.softmax`` there.
@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from segclip_d2.layers import onednn_linear
-from segclip_d2.layers.frozen_bn_folding import enable_frozen_bn_folding
 from segclip_d2.layers.ms_deform_attn import compiled_reads_bf16
+from segclip_d2.predict import onednn_linear
+from segclip_d2.predict.frozen_bn_folding import enable_frozen_bn_folding
 
 from .precision import effective_precision
 
@@ -181,7 +181,7 @@ def _softmax_dim(func, args, kwargs):
 
 class CpuKernelMode(TorchFunctionMode):
     """Inside a module's forward without autograd: ``F.linear`` through oneDNN (when
-    :func:`~segclip_d2.layers.onednn_linear.uses_onednn` allows) and short-row softmax."""
+    :func:`~segclip_d2.predict.onednn_linear.uses_onednn` allows) and short-row softmax."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

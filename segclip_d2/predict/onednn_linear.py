@@ -11,7 +11,7 @@ float32 input and weight, CPU autocast off (under autocast ``F.linear`` runs in 
 oneDNN already). Otherwise, or when this torch build has no oneDNN linear, it is ``F.linear``.
 Results differ from ``F.linear`` by float32 rounding only (another summation order).
 
-``segclip_d2.inference.optimize`` routes the ``F.linear`` calls of the pixel decoder and the
+``segclip_d2.predict.optimize`` routes the ``F.linear`` calls of the pixel decoder and the
 transformer decoder through :func:`linear` at inference; the model code itself calls ``F.linear``.
 ``SEGCLIP_ONEDNN_LINEAR=0`` in the environment turns the route off (``F.linear`` everywhere).
 """

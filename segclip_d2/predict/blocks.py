@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..data.dataset_facts import IGNORE_LABEL
-from .visualize import colorize
+from ..data.visualize import colorize
 
 if TYPE_CHECKING:  # torch is imported only by ClassPredictor (the ONNX path has no torch)
     from .inferencer import PredictFn, SegInferencer
@@ -150,7 +150,7 @@ def predict_source(
     Every block is predicted with ``margin`` pixels of context on each side. ``blend="crop"``
     keeps only each block's centre; ``"cosine"`` / ``"linear"`` blend the overlapping
     ``2 * margin`` bands of neighbouring blocks with weights tapering towards each window's edge
-    (:func:`~segclip_d2.inference.windows.taper_1d`), so no hard seam is left between blocks.
+    (:func:`~segclip_d2.predict.windows.taper_1d`), so no hard seam is left between blocks.
     Blended pixels are handed to the sinks as soon as every block covering them is done; pending
     sums cover about ``2 * margin`` rows of the raster's width, so memory does not grow with the
     raster's height and only by that strip with its width.

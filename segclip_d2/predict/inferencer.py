@@ -1,5 +1,7 @@
 """``SegInferencer``: whole-image or sliding-window inference, optional TTA and reduced precision,
-around any ``predict_fn(images (B, 3, h, w)) -> (B, K, h, w)`` class-probability function."""
+around any ``predict_fn(images (B, 3, h, w)) -> (B, K, h, w)`` class-probability function, and
+:class:`SegmentorWithInference`, which wraps a built model with it (as detectron2's ``*WithTTA``
+wrappers do) so that the model itself never knows how it is run."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from torch import nn
 
 from .precision import autocast_context, check_precision
 from .slide import BLENDS, slide_inference
@@ -25,13 +28,12 @@ MODES = ("whole", "slide")
 class SegInferencer:
     """Turns a batch-level class-probability function into full-image inference.
 
-    ``__call__(predict_fn, image (3, H, W)) -> (K, H, W)`` float32 probabilities. Every batch given
-    to ``predict_fn`` is padded bottom/right to a multiple of ``size_divisibility`` with
-    ``pad_value`` (the pixel mean, so padding is zero after normalisation) and its output cropped
-    back. ``mode="slide"`` runs windows of ``crop_size`` every ``stride`` pixels, ``batch_size``
+    ``__call__(predict_fn, image (3, H, W)) -> (K, H, W)`` float32 probabilities. ``predict_fn``
+    takes batches of any size (the model pads to its size divisibility itself and crops back).
+    ``mode="slide"`` runs windows of ``crop_size`` every ``stride`` pixels, ``batch_size``
     at a time, blending overlaps with a taper (``blend``); windows shrink to the image where it
     is smaller than the crop, so a crop covering the image gives exactly the whole-image result.
-    With ``tta_enabled`` every view of :func:`~segclip_d2.inference.tta.build_views` goes
+    With ``tta_enabled`` every view of :func:`~segclip_d2.predict.tta.build_views` goes
     through the same mode and the mapped-back probabilities are averaged.
     """
 
@@ -49,8 +51,6 @@ class SegInferencer:
         tta_rotations: Sequence[int] = (),
         tta_scales: Sequence[float] = (1.0,),
         precision: str = "fp32",
-        size_divisibility: int = 32,
-        pad_value: Sequence[float] = (0.0, 0.0, 0.0),
     ):
         mode = str(mode).lower()
         if mode not in MODES:
@@ -75,10 +75,6 @@ class SegInferencer:
             build_views(tta_flips, tta_rotations, tta_scales) if tta_enabled else [View()]
         )
         self.precision = check_precision(precision)
-        self.size_divisibility = int(size_divisibility)
-        self.pad_value = tuple(float(v) for v in pad_value)
-        if len(self.pad_value) != 3:
-            raise ValueError(f"pad_value needs 3 channel values, got {pad_value}")
         # Number of predict_fn calls made (for benchmarks and tests).
         self.num_predict_calls = 0
 
@@ -95,8 +91,6 @@ class SegInferencer:
             "tta_rotations": tuple(cfg.TEST.TTA.ROTATIONS),
             "tta_scales": tuple(cfg.TEST.TTA.SCALES),
             "precision": cfg.TEST.PRECISION,
-            "size_divisibility": cfg.MODEL.SEGCLIP.SIZE_DIVISIBILITY,
-            "pad_value": tuple(cfg.MODEL.PIXEL_MEAN),
         }
 
     def __repr__(self) -> str:
@@ -107,7 +101,7 @@ class SegInferencer:
         )
         return (
             f"SegInferencer(mode={self.mode}{extra}, views={len(self.views)}, "
-            f"precision={self.precision}, size_divisibility={self.size_divisibility})"
+            f"precision={self.precision})"
         )
 
     # ------------------------------------------------------------------ running
@@ -139,30 +133,16 @@ class SegInferencer:
         return run(image[None])[0]
 
     def _run_batch(self, predict_fn: PredictFn, batch: torch.Tensor) -> torch.Tensor:
-        """Pad (B, 3, h, w) to the size divisibility, predict at the configured precision, crop
-        back -> (B, K, h, w) float32."""
-        b, _, h, w = batch.shape
-        padded = self._pad(batch)
+        """Predict (B, 3, h, w) at the configured precision -> (B, K, h, w) float32."""
         with autocast_context(self.precision, batch.device.type):
-            out = predict_fn(padded)  # (B, K, h', w')
+            out = predict_fn(batch)  # (B, K, h, w)
         self.num_predict_calls += 1
-        if out.dim() != 4 or out.shape[0] != b or tuple(out.shape[-2:]) != tuple(padded.shape[-2:]):
+        if out.dim() != 4 or out.shape[0] != batch.shape[0] or out.shape[-2:] != batch.shape[-2:]:
             raise ValueError(
-                f"predict_fn returned shape {tuple(out.shape)} for input {tuple(padded.shape)}; "
+                f"predict_fn returned shape {tuple(out.shape)} for input {tuple(batch.shape)}; "
                 "expected (B, K, h, w) at the input size"
             )
-        return out[:, :, :h, :w].float()
-
-    def _pad(self, batch: torch.Tensor) -> torch.Tensor:
-        d = self.size_divisibility
-        h, w = batch.shape[-2:]
-        if d <= 1 or (h % d == 0 and w % d == 0):
-            return batch
-        ph, pw = -(-h // d) * d, -(-w // d) * d
-        fill = torch.tensor(self.pad_value, dtype=batch.dtype, device=batch.device)
-        out = fill.view(1, 3, 1, 1).expand(batch.shape[0], 3, ph, pw).clone()
-        out[:, :, :h, :w] = batch
-        return out
+        return out.float()
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -177,3 +157,29 @@ def upsample_probs(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(probs.shape[-2:]) == tuple(size):
         return probs
     return F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+class SegmentorWithInference(nn.Module):
+    """A built SegCLIP model run through a :class:`SegInferencer` (windows, TTA, precision).
+
+    ``forward`` takes and returns what the model takes and returns in evaluation (mapper dicts ->
+    ``[{"sem_seg": (K, height, width)}]``), so detectron2's evaluation loop runs it unchanged.
+    """
+
+    def __init__(self, model: nn.Module, inferencer: SegInferencer):
+        super().__init__()
+        self.model = model
+        self.inferencer = inferencer
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def forward(self, batched_inputs: list[dict]) -> list[dict]:
+        results = []
+        for x in batched_inputs:
+            image = x["image"].to(self.device).float()  # (3, H, W)
+            probs = self.inferencer(self.model.predict_sem_seg_probs, image)  # (K, H, W)
+            size = (int(x.get("height", image.shape[1])), int(x.get("width", image.shape[2])))
+            results.append({"sem_seg": upsample_probs(probs, size)})
+        return results

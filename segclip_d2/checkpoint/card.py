@@ -13,8 +13,9 @@
 * ``metrics``: the latest evaluation results at save time (``sem_seg/mIoU`` ...), when known;
 * ``config`` (the full YAML) and ``project_version``.
 
-Loading a checkpoint for inference (:class:`~segclip_d2.utils.checkpoint.InferenceCheckpointer`)
-hands the stored embeddings to the model's text encoder, so the training vocabulary is predicted
+Loading a checkpoint for inference
+(:class:`~segclip_d2.checkpoint.checkpointer.InferenceCheckpointer`) hands the stored embeddings
+to the model's text encoder, so the training vocabulary is predicted
 without CLIP weights. This module imports only the standard library at module level (the ONNX
 path reads cards without torch).
 """

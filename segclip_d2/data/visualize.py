@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from ..data.dataset_facts import IGNORE_LABEL, prompt_name
+from .dataset_facts import IGNORE_LABEL, prompt_name
 
 # Colour of no-data / ignored pixels in colour images.
 NODATA_COLOR = (0, 0, 0)

@@ -1,12 +1,12 @@
-"""Inference at scale: whole-image or sliding-window inference, test-time augmentation, reduced
-precision (``SegInferencer``), raster reading/writing and the block-wise pipeline used by the demo
-for large images and GeoTIFFs. Without torch only the raster I/O (``io``), ``visualize`` and the
-block pipeline (``pipeline``) import."""
+"""Running a built model: whole-image or sliding-window inference, test-time augmentation,
+reduced precision (``SegInferencer``), the inference-only rewrite (:mod:`.optimize`) and the
+block-wise prediction of large rasters (:mod:`.blocks`). Without torch only :mod:`.windows` and
+:mod:`.blocks` import."""
 
 from .._torchless import missing_torch_stack
 
 try:
-    from .inferencer import SegInferencer, upsample_probs
+    from .inferencer import SegInferencer, SegmentorWithInference, upsample_probs
     from .precision import autocast_context, effective_precision
     from .slide import slide_inference, window_boxes, window_starts
     from .tta import View, build_views
@@ -16,6 +16,7 @@ except ImportError as _e:
 
 __all__ = [
     "SegInferencer",
+    "SegmentorWithInference",
     "View",
     "autocast_context",
     "build_views",
