@@ -94,10 +94,10 @@ def stand_in(images):
 def main(argv=None) -> int:
     import cv2
     import torch
-    from detectron2.config import get_cfg
 
-    from segclip_d2 import add_segclip_config
+    from segclip_d2.config import load_config
     from segclip_d2.predict import SegInferencer, window_boxes
+    from segclip_d2.predict.load import load_model
     from segclip_d2.predict.slide import slide_inference
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -126,25 +126,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from detectron2.modeling import build_model
-
-    import segclip_d2.modeling  # noqa: F401
-    import segclip_d2.modeling.backbone  # noqa: F401
-    import segclip_d2.modeling.meta_arch  # noqa: F401
-    from segclip_d2.checkpoint.checkpointer import InferenceCheckpointer
-
-    cfg = get_cfg()
-    add_segclip_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(OFFLINE_OPTS + list(args.opts))
-    weights = cfg.MODEL.WEIGHTS
+    weights = ""
     if args.stand_in:
+        cfg = load_config(args.config_file, OFFLINE_OPTS + list(args.opts))
         predict_fn, weights = stand_in, "none: context-dependent stand-in classifier"
-    else:
-        torch.manual_seed(0)
-        model = build_model(cfg).eval()
-        if weights:
-            InferenceCheckpointer(model).load(weights)
+    else:  # the project's loader: safe reading; random init when MODEL.WEIGHTS is empty
+        cfg, model = load_model(
+            args.config_file, opts=OFFLINE_OPTS + list(args.opts), device=None, precision=None,
+            optimize=False, allow_random_weights=True,
+        )  # fmt: skip
+        weights = cfg.MODEL.WEIGHTS
         predict_fn = model.predict_sem_seg_probs
     rgb = cv2.imread(args.image)
     if rgb is None:
