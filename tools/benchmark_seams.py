@@ -91,16 +91,17 @@ def stand_in(images):
     return (-d / 0.5).softmax(1)
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     import cv2
     import torch
 
     from segclip_d2.config import load_config
+    from segclip_d2.errors import ArgumentParser, UserError
     from segclip_d2.predict import SegInferencer, window_boxes
     from segclip_d2.predict.load import load_model
     from segclip_d2.predict.slide import slide_inference
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", default=str(REPO / "configs/synthetic/segclip_cpu.yaml"))
     p.add_argument("--image", default=str(REPO.parent / "shared/data/loveda/images/0.png"))
     p.add_argument("--size", type=int, default=768, help="square crop of the image (top-left)")
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
         predict_fn = model.predict_sem_seg_probs
     rgb = cv2.imread(args.image)
     if rgb is None:
-        p.error(f"{args.image}: cannot be read")
+        raise UserError(args.image, "cannot be read as an image", "pass a PNG/JPEG tile")
     rgb = rgb[: args.size, : args.size, ::-1].copy()
     image = torch.from_numpy(rgb).permute(2, 0, 1).float()
     height, width = image.shape[1:]
@@ -212,6 +213,13 @@ def measure_blocks(args, rgb, ref, predict_fn, inf):
             f"{blend:8s} {100 * diff[band].mean():15.2f}% {100 * diff[~band].mean():9.2f}% "
             f"{edge_breaks(sink.ids, ref, cols, rows):17.2f}"
         )
+
+
+def main(argv=None) -> int:
+    """The tool under the error contract: a bad config or weights file is one line, exit 2."""
+    from segclip_d2.errors import run_main
+
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

@@ -178,9 +178,17 @@ class InferenceCheckpointer(SegCLIPCheckpointer):
             apply_model_card(self.model, self.card, source=f"checkpoint {path}")
         return extra
 
+    def __init__(self, model, save_dir="", *, preloaded: dict | None = None, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        # {path: content of read_checkpoint(path)}: files the caller already read (once)
+        self._preloaded = dict(preloaded or {})
+
     def _load_file(self, filename):
         """Also refuses non-finite weights (a diverged training), naming the file."""
-        loaded = super()._load_file(filename)
+        data = self._preloaded.pop(filename, None)
+        if data is None:
+            data = read_checkpoint(filename)
+        loaded = detectron2_layout(data, filename)
         check_finite(loaded["model"], filename)
         return loaded
 

@@ -96,7 +96,9 @@ def _read_pickle(path: str) -> dict:
                 path, f"is not a pickle of plain arrays ({e}): refused, it could run code",
                 REFUSED_FIX,
             ) from None  # fmt: skip
-        raise CorruptCheckpointError(path, f"cannot be read as a pickle ({e})") from None
+        raise CorruptCheckpointError(
+            path, f"cannot be read as a pickle, it is truncated or corrupt ({e})"
+        ) from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
         raise CorruptCheckpointError(
             path, f"cannot be read as a pickle, it is truncated or corrupt ({e})"
@@ -123,8 +125,8 @@ def _weights_only_reason(error: BaseException) -> str | None:
     text = " ".join(str(error).split())
     if "weights only" not in text.lower() and "weights_only" not in text:
         return None
-    m = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|\.? ?Please|$)", text)
-    return (m.group(1).strip() if m else "objects other than tensors")[:160]
+    m = re.search(r"(?:WeightsUnpickler error: |Trying to load )(.*?)(?:\.? Check the doc|$)", text)
+    return (m.group(1).strip().rstrip(".") if m else "objects other than tensors")[:160]
 
 
 def _read_torch(path: str) -> object:

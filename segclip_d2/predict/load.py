@@ -24,7 +24,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..checkpoint.card import read_model_card, read_onnx_card
+from ..checkpoint.card import CARD_KEY, check_card, read_onnx_card
+from ..checkpoint.files import check_finite, detectron2_layout, read_checkpoint
 from ..config.load import load_config, load_config_text
 from ..errors import UserError, check_trained_weights, check_weights_file
 from .blocks import ClassPredictor
@@ -34,8 +35,13 @@ from .precision import effective_precision
 logger = logging.getLogger(__name__)
 
 
-def _config(config_file, weights, opts, cfg):
-    """(unfrozen config, model card read while finding it or None)."""
+def _local(weights) -> bool:
+    return bool(weights) and ("://" not in str(weights) or str(weights).startswith("file://"))
+
+
+def _config(config_file, opts, cfg, checkpoint):
+    """The unfrozen config, and the model card read while finding it or None. ``checkpoint``:
+    the content of the weights, when already read."""
     if cfg is not None:
         if opts:
             raise ValueError("merge opts into cfg before passing it")
@@ -48,12 +54,26 @@ def _config(config_file, weights, opts, cfg):
         return load_config_text(card.get("config") or "", source, opts), card
     if config_file:
         return load_config(str(config_file), opts), None
-    if not weights:
+    if checkpoint is None:
         raise UserError("--config-file", "missing", "pass a config, or weights with a model card")
-    card, _ = read_model_card(weights)
+    path, data = checkpoint
+    card = data.get(CARD_KEY)
     if card is None or not card.get("config"):
-        raise UserError(weights, "has no model card with a config", "pass --config-file")
-    return load_config_text(card["config"], f"{weights} (its model card's config)", opts), card
+        raise UserError(path, "has no model card with a config", "pass --config-file")
+    check_card(card, path)
+    return load_config_text(card["config"], f"{path} (its model card's config)", opts), card
+
+
+def _read_weights(weights) -> tuple[str, dict] | None:
+    """(path, content) of local ``weights``, read once, before anything is built: a file that
+    is refused (code, corruption, non-finite values) fails fast."""
+    if not _local(weights):
+        return None
+    path = str(weights).removeprefix("file://")
+    check_weights_file(path)
+    data = read_checkpoint(path)
+    check_finite(detectron2_layout(data, path)["model"], path)
+    return path, data
 
 
 def _device(device, cfg) -> str:
@@ -69,7 +89,7 @@ def _device(device, cfg) -> str:
     return str(device)
 
 
-def _build(cfg, weights: str, resume_dir: str | None):
+def _build(cfg, weights: str, resume_dir: str | None, checkpoint=None):
     """The model of ``cfg`` in eval mode with ``weights`` (or the newest intact checkpoint of
     ``resume_dir``) loaded; returns (model, model card or None)."""
     from detectron2.modeling import build_model
@@ -85,25 +105,29 @@ def _build(cfg, weights: str, resume_dir: str | None):
     if not weights and not resume_dir:
         logger.warning("MODEL.WEIGHTS is empty: the model is randomly initialised")
         return model, None
-    checkpointer = InferenceCheckpointer(model, save_dir=resume_dir or "")
+    preloaded = dict([checkpoint]) if checkpoint else None
+    checkpointer = InferenceCheckpointer(model, save_dir=resume_dir or "", preloaded=preloaded)
     checkpointer.resume_or_load(weights, resume=bool(resume_dir))
     return model, checkpointer.card
 
 
 def _load(config_file, weights, *, opts, device, precision, optimize, allow_random_weights,
           cfg=None, resume_dir=None):  # fmt: skip
-    cfg, card = _config(config_file, weights, opts, cfg)
+    resumable = bool(resume_dir) and os.path.isfile(os.path.join(resume_dir, "last_checkpoint"))
+    checkpoint = _read_weights(weights) if weights is not None and not resumable else None
+    cfg, card = _config(config_file, opts, cfg, checkpoint)
     if weights is not None:
         cfg.MODEL.WEIGHTS = str(weights)
+    elif not resumable:
+        checkpoint = _read_weights(cfg.MODEL.WEIGHTS)
     cfg.MODEL.DEVICE = _device(device, cfg)
     if precision is not None:
         cfg.TEST.PRECISION = precision
     cfg.freeze()
     weights = cfg.MODEL.WEIGHTS
-    resumable = bool(resume_dir) and os.path.isfile(os.path.join(resume_dir, "last_checkpoint"))
     check_weights_file(weights)
     check_trained_weights(weights, allow_random_weights, resumable)
-    model, loaded_card = _build(cfg, weights, resume_dir if resumable else None)
+    model, loaded_card = _build(cfg, weights, resume_dir if resumable else None, checkpoint)
     if optimize:
         from .optimize import optimize_for_inference
 
