@@ -125,7 +125,9 @@ def _weights_only_reason(error: BaseException) -> str | None:
     text = " ".join(str(error).split())
     if "weights only" not in text.lower() and "weights_only" not in text:
         return None
-    m = re.search(r"(?:WeightsUnpickler error: |Trying to load )(.*?)(?:\.? Check the doc|$)", text)
+    pattern = r"(?:WeightsUnpickler error: |Unpickler error: |Trying to load )(.*?)"
+    pattern += r"(?:\.? Check the doc|$)"
+    m = re.search(pattern, text)
     return (m.group(1).strip().rstrip(".") if m else "objects other than tensors")[:160]
 
 
@@ -137,12 +139,13 @@ def _read_torch(path: str) -> object:
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
             OSError, AttributeError, TypeError, KeyError, IndexError) as e:  # fmt: skip
         reason = _weights_only_reason(e)
-        if reason is not None and (not path.endswith(".pth") or _zip_intact(path)):
+        refused_global = reason is not None and "global" in reason.lower()
+        if refused_global or (reason is not None and _zip_intact(path)):
             raise UntrustedCheckpointError(
                 path, f"holds objects other than plain weights ({reason}): refused, opening it "
                 "could run code", REFUSED_FIX,
             ) from None  # fmt: skip
-        first = " ".join(str(e).split())[:160]
+        first = reason or " ".join(str(e).split())[:160]  # not torch's weights_only advice
         raise CorruptCheckpointError(
             path,
             f"cannot be read as a checkpoint, it is truncated or corrupt ({first})",

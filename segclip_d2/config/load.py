@@ -135,11 +135,18 @@ def _key_error(cfg, key: str, where: str) -> UserError:
 _SPECIAL_KEYS = ("_BASE_", "VERSION")
 
 
+def _retired(cfg, key: str) -> bool:
+    """A key removed or renamed by a later version (the merge handles it)."""
+    deprecated = getattr(cfg, "key_is_deprecated", None)
+    renamed = getattr(cfg, "key_is_renamed", None)
+    return bool(deprecated and deprecated(key)) or bool(renamed and renamed(key))
+
+
 def _check_keys(cfg, chain: list[tuple[str, dict]]) -> None:
     for path, data in chain:
         for key in _flat_keys(data):
-            if key.split(".")[0] in _SPECIAL_KEYS:
-                continue
+            if key.split(".")[0] in _SPECIAL_KEYS or _retired(cfg, key):
+                continue  # the merge warns about removed keys / names the new one
             if _unknown_key(cfg, key) is not None:
                 raise _key_error(cfg, key, path)
 
