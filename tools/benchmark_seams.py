@@ -29,15 +29,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Random init, no weight lookups, CPU.
-OFFLINE_OPTS = [
-    "MODEL.SEGCLIP.TEXT.PRETRAINED",
-    "",
-    "MODEL.CLIP_RESNET.PRETRAINED",
-    "",
-    "MODEL.DEVICE",
-    "cpu",
-]
+sys.path.insert(0, str(REPO / "tools"))
+from _bench import OFFLINE_OPTS  # noqa: E402  (random init, no weight lookups, CPU)
 
 
 def border_masks(height, width, boxes, band):

@@ -137,6 +137,14 @@ def _load(config_file, weights, *, opts, device, precision, optimize, allow_rand
     return cfg, model, loaded_card or card
 
 
+_OPTIONS = ("opts", "device", "precision", "optimize", "allow_random_weights", "cfg", "resume_dir")
+
+
+def _options(arguments: dict) -> dict:
+    """The keyword options of :func:`load_model` / :func:`build_predictor` among ``arguments``."""
+    return {k: arguments[k] for k in _OPTIONS}
+
+
 def load_model(
     config_file: str | None = None,
     weights: str | None = None,
@@ -169,10 +177,7 @@ def load_model(
             of the weights when it has one (train_net.py ``--eval-only --resume``).
     Returns the frozen config and the model.
     """
-    cfg, model, _ = _load(
-        config_file, weights, opts=opts, device=device, precision=precision, optimize=optimize,
-        allow_random_weights=allow_random_weights, cfg=cfg, resume_dir=resume_dir,
-    )  # fmt: skip
+    cfg, model, _ = _load(config_file, weights, **_options(locals()))
     return cfg, model
 
 
@@ -247,8 +252,5 @@ def build_predictor(
     resume_dir: str | None = None,
 ) -> Predictor:
     """A :class:`Predictor` of the model :func:`load_model` builds (same arguments)."""
-    cfg, model, card = _load(
-        config_file, weights, opts=opts, device=device, precision=precision, optimize=optimize,
-        allow_random_weights=allow_random_weights, cfg=cfg, resume_dir=resume_dir,
-    )  # fmt: skip
+    cfg, model, card = _load(config_file, weights, **_options(locals()))
     return Predictor(cfg, model, card)
