@@ -37,7 +37,6 @@ from detectron2.utils.logger import setup_logger
 
 import segclip_d2.modeling.meta_arch  # noqa: F401  (registers SegCLIP)
 from segclip_d2 import add_segclip_config, compat
-from segclip_d2.checkpoint.checkpointer import InferenceCheckpointer
 from segclip_d2.cli import add_inference_arguments, apply_inference_arguments
 from segclip_d2.config import load_config
 from segclip_d2.engine import SegCLIPTrainer, launch, write_color_prediction
@@ -51,7 +50,7 @@ from segclip_d2.errors import (
     contract_parser,
     run_main,
 )
-from segclip_d2.predict.optimize import optimize_for_inference
+from segclip_d2.predict.load import load_model
 
 logger = logging.getLogger("segclip_d2.train_net")
 
@@ -160,14 +159,14 @@ def _write_prediction(cfg, model) -> None:
 def main(args):
     cfg = setup(args)
     if args.eval_only:
-        allow = getattr(args, "allow_random_weights", False)
-        check_trained_weights(cfg.MODEL.WEIGHTS, allow, _resumable(cfg, args))
-        model = Trainer.build_model(cfg)
-        # every parameter must come from the checkpoint (clear error otherwise)
-        InferenceCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
+        # the one loader: safe reading, every parameter from the checkpoint, finite weights
+        _, model = load_model(
+            cfg=cfg,
+            device=cfg.MODEL.DEVICE,
+            precision=None,
+            allow_random_weights=getattr(args, "allow_random_weights", False),
+            resume_dir=cfg.OUTPUT_DIR if args.resume else None,
         )
-        model = optimize_for_inference(model.eval(), cfg.MODEL.DEVICE, cfg.TEST.PRECISION)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)

@@ -25,6 +25,11 @@ def tools():
     return {
         "evaluate": _load("tools/evaluate_predictions.py", "evaluate_predictions"),
         "bench": _load("tools/benchmark_inference.py", "benchmark_inference"),
+        "latency": _load("tools/benchmark_latency.py", "benchmark_latency"),
+        "targets": _load("tools/benchmark_targets.py", "benchmark_targets"),
+        "geotiff": _load("tools/benchmark_geotiff.py", "benchmark_geotiff"),
+        "case": _load("tools/bench_case.py", "bench_case"),
+        "card": _load("tools/model_card.py", "model_card"),
         "msda": _load("tools/benchmark_msda.py", "benchmark_msda"),
     }
 
@@ -124,19 +129,42 @@ CASES = [
     (
         "bench-random-refused",
         "bench",
-        lambda t: ["--table"],
+        lambda t: ["--ab"],
         ["MODEL.WEIGHTS", "--allow-random-weights"],
     ),
     (
         "bench-weights-missing",
-        "bench",
-        lambda t: ["--table", "--opts", "MODEL.WEIGHTS", str(t / "gone.pth")],
+        "latency",
+        lambda t: ["--opts", "MODEL.WEIGHTS", str(t / "gone.pth")],
         ["MODEL.WEIGHTS", "gone.pth", "no such file"],
     ),
-    ("bench-no-mode", "bench", lambda t: [], ["command line", "--table"]),
+    ("bench-onnx-gone", "bench", lambda t: ["--onnx", "m.onnx"], ["command line", "--onnx"]),
+    ("targets-random-refused", "targets", lambda t: [], ["MODEL.WEIGHTS", "--allow-random"]),
+    ("geotiff-odd-opts", "geotiff", lambda t: ["--opts", "TEST.MODE"], ["--opts", "each KEY"]),
+    ("case-unknown", "case", lambda t: ["fly", "--config", "x.yaml"], ["command line", "fly"]),
+    (
+        "case-config-missing",
+        "case",
+        lambda t: ["forward", "--config", str(t / "nope.yaml")],
+        ["nope.yaml", "no such config file"],
+    ),
+    ("card-missing", "card", lambda t: [str(t / "gone.pth")], ["gone.pth", "no such"]),
+    (
+        "card-no-card",
+        "card",
+        lambda t: [_plain_checkpoint(t)],
+        ["plain.pth", "has no model card"],
+    ),
     ("msda-bad-flag", "msda", lambda t: ["--repeats", "x"], ["command line", "--repeats"]),
     ("msda-bad-value", "msda", lambda t: ["--repeats", "0"], ["--repeats", ">= 1"]),
 ]
+
+
+def _plain_checkpoint(t: Path) -> str:
+    import torch
+
+    torch.save({"model": {"w": torch.zeros(1)}}, t / "plain.pth")
+    return str(t / "plain.pth")
 
 
 def _bad_preds(t: Path) -> Path:

@@ -1,5 +1,7 @@
 """tools/gpu_acceptance.sh without a GPU: argument handling, the no-GPU exit, the checks table
-and its exit status, and (slow, needs PyPI) the wheel download and the offline install."""
+and its exit status, the parts of the checks that run on a CPU (config loading, the DDP
+comparison, the inference check on a small model), and (slow, needs PyPI) the wheel download
+and the offline install."""
 
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 import gpu_acceptance  # noqa: E402
+import gpu_checks  # noqa: E402
 
 SCRIPT = REPO / "tools" / "gpu_acceptance.sh"
 
@@ -54,7 +57,7 @@ def test_table_lists_every_check_and_counts_failures():
         {"check": "op CUDA fp32 fwd", "result": "PASS", "measured": "3e-07", "target": "<= 1e-4"},
         {"check": "fp16 AMP 100 it", "result": "FAIL", "measured": "12.1 -> 13.0", "target": "x"},
     ]
-    table = gpu_acceptance.format_table(rows)
+    table = gpu_checks.format_table(rows)
     lines = table.splitlines()
     assert "tolerance / target" in lines[1]
     assert any("FAIL" in line and "12.1 -> 13.0" in line for line in lines)
@@ -63,16 +66,51 @@ def test_table_lists_every_check_and_counts_failures():
 
 
 def test_a_failed_or_crashing_check_makes_the_exit_status_1(monkeypatch, capsys):
-    monkeypatch.setattr(gpu_acceptance, "check_op", lambda: [gpu_acceptance._row("op", True, 1, 1)])
-    assert gpu_acceptance.run_checks(["op"]) == 0
+    monkeypatch.setattr(gpu_checks, "check_op", lambda: [gpu_checks._row("op", True, 1, 1)])
+    assert gpu_checks.run_checks(["op"]) == 0
 
     def crash():
         raise RuntimeError("CUDA error: no kernel image")
 
-    monkeypatch.setattr(gpu_acceptance, "check_op", crash)
-    assert gpu_acceptance.run_checks(["op"]) == 1
+    monkeypatch.setattr(gpu_checks, "check_op", crash)
+    assert gpu_checks.run_checks(["op"]) == 1
     out = capsys.readouterr().out
     assert "RuntimeError: CUDA error: no kernel image" in out and "1 failed" in out
+
+
+def test_checks_cli_refuses_an_unknown_check(capsys):
+    with pytest.raises(SystemExit) as exc:
+        gpu_checks.main(["--checks", "op,fly"])
+    assert exc.value.code == 2 and "unknown fly" in capsys.readouterr().err
+
+
+def test_check_configs_load_through_the_project_loader():
+    cfg = gpu_checks._cfg("configs/synthetic/segclip_cpu.yaml", gpu_checks.OFFLINE)
+    assert cfg.MODEL.DEVICE == "cuda" and cfg.MODEL.WEIGHTS == ""
+    assert cfg.MODEL.RESNETS.DEPTH == 18  # from the YAML file, over its _BASE_
+
+
+def test_ddp_comparison_is_the_relative_difference_of_the_updates():
+    import torch
+
+    init = {"w": torch.zeros(4), "n": torch.tensor(3)}  # integer buffers are not compared
+    one = {"w": torch.tensor([1.0, 0.0, 0.0, 0.0]), "n": torch.tensor(9)}
+    two = {"w": torch.tensor([1.0, 0.5, 0.0, 0.0]), "n": torch.tensor(0)}
+    assert gpu_checks.update_rel_diff(init, one, two) == pytest.approx(0.5)
+    assert gpu_checks.update_rel_diff(init, one, one) == 0.0
+
+
+def test_inference_check_runs_and_reports_on_cpu():
+    """The inference check on a small model on the CPU: one row per mode, size and precision,
+    each naming the latency and how many probabilities were not finite."""
+    rows = gpu_checks.check_inference(
+        device="cpu", config="configs/synthetic/segclip_cpu.yaml", sizes=(64,),
+        precisions=("fp32",),
+    )  # fmt: skip
+    assert [r["check"] for r in rows] == ["inference whole 64 fp32", "inference slide 64 fp32"]
+    for r in rows:
+        assert r["result"] == "PASS", r
+        assert "ms" in r["measured"] and f"0 of {7 * 64 * 64} not finite" in r["measured"]
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ raster). Each case runs in its own child process; peak RSS is that child's ``ru_
 
     python tools/benchmark_geo_outputs.py --sizes 2048 8192 --variants all all-nocog class
 
-For the real model use ``tools/benchmark_inference.py --geotiff-scaling --variants ...``.
+For the real model use ``tools/benchmark_geotiff.py --variants ...``.
 Not part of the test suite.
 """
 
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     if args._case:
         case(args)
         return 0
-    from benchmark_inference import make_geotiff
+    from benchmark_geotiff import make_geotiff
 
     tmp = Path(tempfile.mkdtemp(prefix="segclip_geo_"))
     print(

@@ -29,15 +29,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Random init, no weight lookups, CPU.
-OFFLINE_OPTS = [
-    "MODEL.SEGCLIP.TEXT.PRETRAINED",
-    "",
-    "MODEL.CLIP_RESNET.PRETRAINED",
-    "",
-    "MODEL.DEVICE",
-    "cpu",
-]
+sys.path.insert(0, str(REPO / "tools"))
+from _bench import OFFLINE_OPTS  # noqa: E402  (random init, no weight lookups, CPU)
 
 
 def border_masks(height, width, boxes, band):
@@ -91,16 +84,17 @@ def stand_in(images):
     return (-d / 0.5).softmax(1)
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     import cv2
     import torch
-    from detectron2.config import get_cfg
 
-    from segclip_d2 import add_segclip_config
+    from segclip_d2.config import load_config
+    from segclip_d2.errors import ArgumentParser, UserError
     from segclip_d2.predict import SegInferencer, window_boxes
+    from segclip_d2.predict.load import load_model
     from segclip_d2.predict.slide import slide_inference
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", default=str(REPO / "configs/synthetic/segclip_cpu.yaml"))
     p.add_argument("--image", default=str(REPO.parent / "shared/data/loveda/images/0.png"))
     p.add_argument("--size", type=int, default=768, help="square crop of the image (top-left)")
@@ -126,29 +120,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from detectron2.modeling import build_model
-
-    import segclip_d2.modeling  # noqa: F401
-    import segclip_d2.modeling.backbone  # noqa: F401
-    import segclip_d2.modeling.meta_arch  # noqa: F401
-    from segclip_d2.checkpoint.checkpointer import InferenceCheckpointer
-
-    cfg = get_cfg()
-    add_segclip_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(OFFLINE_OPTS + list(args.opts))
-    weights = cfg.MODEL.WEIGHTS
+    weights = ""
     if args.stand_in:
+        cfg = load_config(args.config_file, OFFLINE_OPTS + list(args.opts))
         predict_fn, weights = stand_in, "none: context-dependent stand-in classifier"
-    else:
-        torch.manual_seed(0)
-        model = build_model(cfg).eval()
-        if weights:
-            InferenceCheckpointer(model).load(weights)
+    else:  # the project's loader: safe reading; random init when MODEL.WEIGHTS is empty
+        cfg, model = load_model(
+            args.config_file, opts=OFFLINE_OPTS + list(args.opts), device=None, precision=None,
+            optimize=False, allow_random_weights=True,
+        )  # fmt: skip
+        weights = cfg.MODEL.WEIGHTS
         predict_fn = model.predict_sem_seg_probs
     rgb = cv2.imread(args.image)
     if rgb is None:
-        p.error(f"{args.image}: cannot be read")
+        raise UserError(args.image, "cannot be read as an image", "pass a PNG/JPEG tile")
     rgb = rgb[: args.size, : args.size, ::-1].copy()
     image = torch.from_numpy(rgb).permute(2, 0, 1).float()
     height, width = image.shape[1:]
@@ -221,6 +206,13 @@ def measure_blocks(args, rgb, ref, predict_fn, inf):
             f"{blend:8s} {100 * diff[band].mean():15.2f}% {100 * diff[~band].mean():9.2f}% "
             f"{edge_breaks(sink.ids, ref, cols, rows):17.2f}"
         )
+
+
+def main(argv=None) -> int:
+    """The tool under the error contract: a bad config or weights file is one line, exit 2."""
+    from segclip_d2.errors import run_main
+
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

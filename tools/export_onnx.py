@@ -58,37 +58,18 @@ def get_parser() -> argparse.ArgumentParser:
 
 def build(args):
     """(cfg, model with the checkpoint and its card loaded, card)."""
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
-
-    import segclip_d2.modeling.backbone  # noqa: F401  (registers the backbones)
-    import segclip_d2.modeling.meta_arch  # noqa: F401  (SegCLIP)
-    from segclip_d2 import add_segclip_config
-    from segclip_d2.checkpoint.card import build_model_card, read_model_card
-    from segclip_d2.checkpoint.checkpointer import CheckpointMismatchError, InferenceCheckpointer
+    from segclip_d2.checkpoint.card import build_model_card
     from segclip_d2.checkpoint.pretrained import PretrainedWeightsError
+    from segclip_d2.predict.load import build_predictor
 
-    if not os.path.isfile(args.config_file):
-        raise UserError(args.config_file, "no such config file")
-    card, _ = read_model_card(args.weights)  # UserError for a missing / unreadable file
-    cfg = get_cfg()
-    add_segclip_config(cfg)
-    try:
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(list(args.opts))
-    except (KeyError, ValueError, AssertionError) as e:
-        raise UserError(args.config_file, f"bad config: {e}") from e
-    cfg.MODEL.WEIGHTS = args.weights
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.TEST.PRECISION = "fp32"
+    opts = list(args.opts)
     if args.allow_text_mismatch:
-        cfg.MODEL.SEGCLIP.TEXT.ALLOW_MISMATCH = True
-    cfg.freeze()
-    model = build_model(cfg).eval()
-    try:
-        InferenceCheckpointer(model).load(args.weights)
-    except CheckpointMismatchError as e:
-        raise UserError(args.weights, str(e), "pass the config the model was trained with") from e
+        opts += ["MODEL.SEGCLIP.TEXT.ALLOW_MISMATCH", "True"]
+    # the one loader: safe config and checkpoint reading, exact fit, finite weights
+    loaded = build_predictor(
+        args.config_file, args.weights, opts=opts, precision="fp32", optimize=False
+    )
+    cfg, model, card = loaded.cfg, loaded.model, loaded.card or None
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     try:
         if classes:

@@ -20,28 +20,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segclip_d2.checkpoint.card import format_model_card  # noqa: E402
-from segclip_d2.errors import UserError, run_main  # noqa: E402
+from segclip_d2.errors import ArgumentParser, UserError, run_main  # noqa: E402
 
 
 def load_card(path: str) -> dict:
+    """The card of a checkpoint or ONNX file, read by the project's one safe reader (no pickle
+    runs code, the stored config must be plain YAML)."""
+    from segclip_d2.checkpoint.card import read_model_card, read_onnx_card
+
     if path.endswith(".onnx"):
-        import onnx
-
-        if not Path(path).is_file():
-            raise UserError(path, "no such ONNX file")
-        try:
-            meta = {
-                p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props
-            }
-        except Exception as e:  # noqa: BLE001 - any unreadable file
-            raise UserError(path, f"cannot be read as ONNX ({type(e).__name__}: {e})") from e
-        if "segclip_model_card" not in meta:
-            raise UserError(
-                path, "has no segclip_model_card metadata", "export it with tools/export_onnx.py"
-            )
-        return json.loads(meta["segclip_model_card"])
-    from segclip_d2.checkpoint.card import read_model_card
-
+        return read_onnx_card(path)
     card, rest = read_model_card(path)
     if card is None:
         raise UserError(
@@ -52,12 +40,11 @@ def load_card(path: str) -> dict:
     return card
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def _main(argv=None) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("checkpoint", help="model_*.pth / model_best.pth, or an exported .onnx")
     p.add_argument("--json", action="store_true", help="print the card as JSON")
     p.add_argument("--config", action="store_true", help="also print the training config YAML")
-    p.add_argument("--debug", action="store_true", help="tracebacks for errors")
     args = p.parse_args(argv)
     card = load_card(args.checkpoint)
     if args.json:
@@ -70,5 +57,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def main(argv=None) -> int:
+    """The tool under the error contract: 0, or 2 with one ``error:`` line."""
+    return run_main(_main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(main())

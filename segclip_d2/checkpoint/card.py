@@ -157,24 +157,61 @@ def apply_model_card(model, card: dict | None, source: str = "checkpoint") -> bo
     return True
 
 
+def check_card(card, where: str) -> dict:
+    """``card`` (read from a checkpoint or ONNX metadata) is a mapping whose ``config``, when
+    present, is plain YAML (parsed with the safe loader: no Python tags). Returns it; else a
+    :class:`~segclip_d2.errors.UserError` naming ``where``."""
+    from segclip_d2.config.load import parse_yaml_text
+    from segclip_d2.errors import UserError
+
+    if not isinstance(card, dict):
+        raise UserError(where, f"its model card is a {type(card).__name__}, not a mapping")
+    config = card.get("config")
+    if config is not None:
+        if not isinstance(config, str):
+            raise UserError(where, "its model card's config is not YAML text")
+        parse_yaml_text(config, f"{where}: model card config")
+    return card
+
+
 def read_model_card(path: str) -> tuple[dict | None, dict]:
-    """(card or None, the rest of the checkpoint's top-level entries except the weights)."""
-    import torch
+    """(card or None, the rest of the checkpoint's top-level entries except the weights); the
+    file is read by :func:`~segclip_d2.checkpoint.files.read_checkpoint` (no code runs)."""
+    from segclip_d2.errors import UserError
+
+    from .files import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    if "model" not in ckpt:
+        raise UserError(path, "is not a segclip-d2 / detectron2 checkpoint (no 'model' entry)")
+    rest = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler")}
+    card = ckpt.get(CARD_KEY)
+    return (None if card is None else check_card(card, path)), rest
+
+
+def read_onnx_card(path: str) -> dict:
+    """The model card stored in an exported ONNX file's metadata (JSON, checked as
+    :func:`check_card`); a :class:`~segclip_d2.errors.UserError` naming the file otherwise."""
+    import onnx
 
     from segclip_d2.errors import UserError
 
     if not os.path.isfile(path):
-        raise UserError(path, "no such checkpoint file", "pass the path of a model_*.pth")
+        raise UserError(path, "no such ONNX file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
+        props = onnx.load(path, load_external_data=False).metadata_props
+    except Exception as e:  # noqa: BLE001 - any unreadable file
+        raise UserError(path, f"cannot be read as ONNX ({type(e).__name__}: {e})") from None
+    meta = {p.key: p.value for p in props}
+    if "segclip_model_card" not in meta:
         raise UserError(
-            path, f"cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:200]})"
-        ) from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserError(path, "is not a segclip-d2 / detectron2 checkpoint (no 'model' entry)")
-    rest = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler")}
-    return ckpt.get(CARD_KEY), rest
+            path, "has no segclip_model_card metadata", "export it with tools/export_onnx.py"
+        )
+    try:
+        card = json.loads(meta["segclip_model_card"])
+    except json.JSONDecodeError as e:
+        raise UserError(path, f"its segclip_model_card metadata is not JSON ({e})") from None
+    return check_card(card, path)
 
 
 def format_model_card(card: dict, path: str = "") -> str:

@@ -20,9 +20,6 @@ import contextlib
 import glob
 import logging
 import os
-import pickle
-import re
-import zipfile
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -30,33 +27,21 @@ from detectron2.checkpoint import DetectionCheckpointer
 from segclip_d2.errors import UserError
 from segclip_d2.utils.atomic import atomic_output, remove_stale_temps
 
+from .files import CorruptCheckpointError, check_finite, detectron2_layout, read_checkpoint
+
+__all__ = [
+    "CheckpointMismatchError",
+    "CorruptCheckpointError",
+    "InferenceCheckpointer",
+    "ModelCardCheckpointer",
+    "SegCLIPCheckpointer",
+    "WeightsUnavailableError",
+    "explain_weight_fetch_errors",
+]
+
 logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last_checkpoint"
-
-
-class CorruptCheckpointError(UserError):
-    """A checkpoint file that cannot be read (truncated by a kill, corrupt, not a checkpoint)."""
-
-
-# What torch.load raises on truncated / corrupt files (zip and legacy formats).
-_READ_ERRORS = (
-    RuntimeError,
-    EOFError,
-    pickle.UnpicklingError,
-    zipfile.BadZipFile,
-    ValueError,
-    OSError,  # torch's zip reader: "[Errno 22] Invalid argument" on some truncations
-)
-
-
-def _zip_intact(path: str) -> bool:
-    """Whether ``path`` is a complete zip archive (torch's checkpoint format)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return zf.testzip() is None
-    except (OSError, zipfile.BadZipFile, EOFError):
-        return False
 
 
 class SegCLIPCheckpointer(DetectionCheckpointer):
@@ -85,27 +70,9 @@ class SegCLIPCheckpointer(DetectionCheckpointer):
             tmp.write_text(last_filename_basename)
 
     def _load_file(self, filename):
-        try:
-            return super()._load_file(filename)
-        except _READ_ERRORS as e:
-            if isinstance(e, OSError) and not os.path.isfile(filename):
-                raise
-            first = " ".join(str(e).split())[:160]
-            if "weights only" in first.lower():  # torch's advice (weights_only=False) misleads
-                m = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", first)
-                first = m.group(1).strip() if m else "unreadable pickle data"
-            intact_zip = filename.endswith(".pth") and _zip_intact(filename)
-            if intact_zip and "weights only" in str(e).lower():
-                raise CorruptCheckpointError(
-                    filename,
-                    "holds objects that torch.load refuses to unpickle safely (weights_only)",
-                    "save checkpoints with train_net.py (tensors and plain values only)",
-                ) from e
-            raise CorruptCheckpointError(
-                filename,
-                f"cannot be read as a checkpoint, it is truncated or corrupt ({first})",
-                "use another checkpoint (an interrupted save leaves the previous ones intact)",
-            ) from e
+        """The file through the one safe reader (:mod:`.files`: no pickle runs code), in the
+        layout detectron2 expects."""
+        return detectron2_layout(read_checkpoint(filename), filename)
 
     def resume_candidates(self) -> list[str]:
         """Checkpoints of ``save_dir`` to resume from, best first: the one ``last_checkpoint``
@@ -201,11 +168,29 @@ class InferenceCheckpointer(SegCLIPCheckpointer):
         self._loading = path
         with explain_weight_fetch_errors(path):
             extra = super().load(path, checkpointables)
+        self.card = None
         if path:  # the model card's stored text embeddings replace the CLIP text tower
-            from .card import CARD_KEY, apply_model_card
+            from .card import CARD_KEY, apply_model_card, check_card
 
-            apply_model_card(self.model, (extra or {}).get(CARD_KEY), source=f"checkpoint {path}")
+            self.card = (extra or {}).get(CARD_KEY)
+            if self.card is not None:
+                check_card(self.card, f"checkpoint {path}")
+            apply_model_card(self.model, self.card, source=f"checkpoint {path}")
         return extra
+
+    def __init__(self, model, save_dir="", *, preloaded: dict | None = None, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        # {path: content of read_checkpoint(path)}: files the caller already read (once)
+        self._preloaded = dict(preloaded or {})
+
+    def _load_file(self, filename):
+        """Also refuses non-finite weights (a diverged training), naming the file."""
+        data = self._preloaded.pop(filename, None)
+        if data is None:
+            data = read_checkpoint(filename)
+        loaded = detectron2_layout(data, filename)
+        check_finite(loaded["model"], filename)
+        return loaded
 
     def _log_incompatible_keys(self, incompatible) -> None:
         super()._log_incompatible_keys(incompatible)

@@ -9,11 +9,32 @@ from collections.abc import Iterator, Sequence
 from ..errors import UserError, did_you_mean, plain_message
 
 
+def parse_yaml_text(text, where: str) -> dict:
+    """A YAML mapping parsed with the safe loader (plain values only: a Python tag such as
+    ``!!python/object/apply:os.system`` is an error, never run); a :class:`UserError` naming
+    ``where`` when it is not valid YAML or not a mapping. ``text``: a string or an open file."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if "python/" in str(e) or "could not determine a constructor" in str(problem):
+            raise UserError(
+                where, f"holds a Python tag{at} ({problem}): refused, it could run code",
+                "configs hold plain values only",
+            ) from None  # fmt: skip
+        raise UserError(where, f"not valid YAML{at} ({problem})", "fix the syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(where, "a config file must be a mapping of keys", "see configs/")
+    return data
+
+
 def _yaml_chain(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
     """``[(file, mapping)]`` of a config and its ``_BASE_`` files (base first); a missing or
     unparsable file is a :class:`UserError` naming it."""
-    import yaml
-
     if not os.path.isfile(path):
         if seen:
             raise UserError(f"{seen[-1]}: _BASE_ {path}", "no such config file", "check the path")
@@ -22,16 +43,9 @@ def _yaml_chain(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]
         raise UserError(path, "_BASE_ chain loops back to itself", "remove the cycle")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(path, f"not valid YAML{at} ({problem})", "fix the syntax") from None
+            data = parse_yaml_text(f, path)
     except OSError as e:
         raise UserError(path, f"cannot be read ({e.strerror or e})") from None
-    if not isinstance(data, dict):
-        raise UserError(path, "a config file must be a mapping of keys", "see configs/")
     chain = []
     base = data.get("_BASE_")
     if base:
@@ -40,6 +54,40 @@ def _yaml_chain(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]
             base = os.path.join(os.path.dirname(path), base)
         chain += _yaml_chain(base, (*seen, path))
     return chain + [(path, data)]
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``: mappings merged key by key, other values replaced."""
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _merge_mapping(cfg, data: dict, where: str) -> None:
+    """Merge a parsed config mapping into ``cfg`` as detectron2's ``merge_from_file`` does
+    (older ``VERSION`` configs upgraded), without reading any file again."""
+    from detectron2.config import CfgNode
+
+    data = {k: v for k, v in data.items() if k != "_BASE_"}
+    try:
+        loaded = CfgNode(data)
+        version = loaded.get("VERSION", cfg.VERSION)
+        if version == cfg.VERSION:
+            cfg.merge_from_other_cfg(loaded)
+            return
+        from detectron2.config.compat import downgrade_config, upgrade_config
+
+        old = downgrade_config(cfg, to_version=version)
+        old.merge_from_other_cfg(loaded)
+        new = upgrade_config(old)
+        cfg.clear()
+        cfg.update(new)
+    except (KeyError, ValueError, AssertionError, TypeError) as e:
+        raise UserError(where, plain_message(e), "fix the value in the YAML file") from None
 
 
 def _flat_keys(mapping: dict, prefix: str = "") -> Iterator[str]:
@@ -87,30 +135,23 @@ def _key_error(cfg, key: str, where: str) -> UserError:
 _SPECIAL_KEYS = ("_BASE_", "VERSION")
 
 
-def load_config(config_file: str, opts: Sequence[str] = (), cfg=None):
-    """A detectron2 config with SegCLIP's keys, ``config_file`` and ``opts`` merged (not
-    frozen). Every problem is a :class:`UserError` naming the YAML file or the key: missing or
-    unparsable files (the ``_BASE_`` chain included), unknown keys with a "did you mean", an
-    odd-length or unknown override list, values of the wrong type."""
-    if cfg is None:
-        from detectron2.config import get_cfg
+def _retired(cfg, key: str) -> bool:
+    """A key removed or renamed by a later version (the merge handles it)."""
+    deprecated = getattr(cfg, "key_is_deprecated", None)
+    renamed = getattr(cfg, "key_is_renamed", None)
+    return bool(deprecated and deprecated(key)) or bool(renamed and renamed(key))
 
-        from .defaults import add_segclip_config
 
-        cfg = get_cfg()
-        add_segclip_config(cfg)
-    if not config_file:
-        raise UserError("--config-file", "missing", "pass a config, e.g. configs/synthetic/...")
-    for path, data in _yaml_chain(config_file):
+def _check_keys(cfg, chain: list[tuple[str, dict]]) -> None:
+    for path, data in chain:
         for key in _flat_keys(data):
-            if key.split(".")[0] in _SPECIAL_KEYS:
-                continue
+            if key.split(".")[0] in _SPECIAL_KEYS or _retired(cfg, key):
+                continue  # the merge warns about removed keys / names the new one
             if _unknown_key(cfg, key) is not None:
                 raise _key_error(cfg, key, path)
-    try:
-        cfg.merge_from_file(config_file)
-    except (KeyError, ValueError, AssertionError, TypeError) as e:
-        raise UserError(config_file, plain_message(e), "fix the value in the YAML file") from None
+
+
+def _merge_opts(cfg, opts: Sequence[str]) -> None:
     opts = list(opts or [])
     if len(opts) % 2:
         raise UserError(
@@ -127,4 +168,46 @@ def load_config(config_file: str, opts: Sequence[str] = (), cfg=None):
             raise UserError(
                 f"override {key}", plain_message(e), "give a value of the key's type"
             ) from None
+
+
+def _default_cfg():
+    from detectron2.config import get_cfg
+
+    from .defaults import add_segclip_config
+
+    cfg = get_cfg()
+    add_segclip_config(cfg)
+    return cfg
+
+
+def load_config(config_file: str, opts: Sequence[str] = (), cfg=None):
+    """A detectron2 config with SegCLIP's keys, ``config_file`` and ``opts`` merged (not
+    frozen). Every file of the ``_BASE_`` chain is parsed once, with the safe YAML loader, and
+    the parsed mappings are merged (no file is read twice, no Python tag is ever run). Every
+    problem is a :class:`UserError` naming the YAML file or the key: missing or unparsable files,
+    Python tags, unknown keys with a "did you mean", an odd-length or unknown override list,
+    values of the wrong type."""
+    cfg = _default_cfg() if cfg is None else cfg
+    if not config_file:
+        raise UserError("--config-file", "missing", "pass a config, e.g. configs/synthetic/...")
+    chain = _yaml_chain(config_file)
+    _check_keys(cfg, chain)
+    merged: dict = {}
+    for _, data in chain:
+        merged = _deep_merge(merged, data)
+    _merge_mapping(cfg, merged, config_file)
+    _merge_opts(cfg, opts)
+    return cfg
+
+
+def load_config_text(text: str, where: str, opts: Sequence[str] = (), cfg=None):
+    """:func:`load_config` for config YAML held as text, e.g. the ``config`` of a model card
+    (``where`` names its source in errors); ``_BASE_`` is not followed."""
+    cfg = _default_cfg() if cfg is None else cfg
+    data = parse_yaml_text(text, where)
+    if data.get("_BASE_"):
+        raise UserError(where, "a stored config cannot have a _BASE_", "store the full config")
+    _check_keys(cfg, [(where, data)])
+    _merge_mapping(cfg, data, where)
+    _merge_opts(cfg, opts)
     return cfg
