@@ -145,14 +145,17 @@ def check_onnx_output(backend) -> None:
 
 
 def run_settings(args, backend) -> dict:
-    """What decides an input's outputs (``--skip-existing`` reuses only outputs made with it)."""
+    """What decides an input's outputs (``--skip-existing`` reuses only outputs made with it):
+    the model file (path, size, time), the whole resolved config, the vocabulary, output flags."""
     from segclip_d2.geo.batch import file_identity
 
-    keys = ("config_file", "onnx", "bands", "gsd", "tta", "precision", "opts", "alpha")
-    keys += ("block_size", "block_margin", "block_blend", "preview_size", "min_area", "simplify")
+    keys = ("bands", "gsd", "alpha", "block_size", "block_margin", "block_blend")
+    keys += ("preview_size", "min_area", "simplify")
+    cfg = getattr(backend, "cfg", None)
     return {
         **{k: getattr(args, k) for k in keys},
         "model": file_identity(backend.model_file),
+        "config": cfg.dump() if cfg is not None else None,
         "classes": list(backend.class_names),
     }
 

@@ -129,7 +129,8 @@ def test_written_layer_has_attributes_crs_and_min_area(tmp_path, kind):
 
 # ------------------------------------------------------------------ ground resolution
 class Recorder:
-    """A fake block predictor: probabilities from brightness; records the sizes it sees."""
+    """A fake block probability function: probabilities from brightness; records the sizes it
+    sees."""
 
     def __init__(self):
         self.shapes = []
@@ -137,10 +138,7 @@ class Recorder:
     def __call__(self, rgb, valid):
         self.shapes.append(valid.shape)
         p1 = rgb[..., 0].astype(np.float32) / 255.0
-        probs = np.stack([1 - p1, p1])
-        ids = probs.argmax(0).astype(np.uint8)
-        ids[~valid] = 255
-        return ids, probs
+        return np.stack([1 - p1, p1])
 
 
 def test_gsd_policy_resamples_only_projected_rasters_off_by_more_than_ten_percent(caplog):
@@ -187,7 +185,7 @@ def test_a_015m_raster_is_predicted_at_03m_and_returned_on_its_own_grid(tmp_path
     import rasterio
 
     from segclip_d2.geo.outputs import OutputOptions, predict_to_outputs
-    from segclip_d2.raster.io import open_source
+    from segclip_d2.raster.sources import open_source
 
     rng = np.random.default_rng(0)
     rgb = np.repeat(rng.integers(0, 256, (90, 70, 1), dtype=np.uint8), 3, axis=2)
@@ -211,7 +209,7 @@ def test_a_015m_raster_is_predicted_at_03m_and_returned_on_its_own_grid(tmp_path
 
 # ------------------------------------------------------------------ rasters
 def test_confidence_bands_are_top1_and_margin():
-    from segclip_d2.raster.io import confidence_bands
+    from segclip_d2.raster.writers import confidence_bands
 
     p = np.array([[[0.2]], [[0.5]], [[0.3]]], np.float32)
     np.testing.assert_allclose(confidence_bands(p, (1, 1))[:, 0, 0], [0.5, 0.2], atol=1e-6)
@@ -219,16 +217,13 @@ def test_confidence_bands_are_top1_and_margin():
 
 # ------------------------------------------------------------------ block blending
 class WindowContext:
-    """A block predictor whose output depends on the whole block (its mean brightness), like a
-    network's context: neighbouring blocks disagree in their overlap."""
+    """A block probability function whose output depends on the whole block (its mean
+    brightness), like a network's context: neighbouring blocks disagree in their overlap."""
 
     def __call__(self, rgb, valid):
         m = rgb.mean() / 255.0
         p1 = np.clip(rgb[..., 0].astype(np.float32) / 255.0 * 0.5 + m * 0.5, 0, 1)
-        probs = np.stack([1 - p1, p1])
-        ids = probs.argmax(0).astype(np.uint8)
-        ids[~valid] = 255
-        return ids, probs
+        return np.stack([1 - p1, p1])
 
 
 class ProbSink:
@@ -246,7 +241,7 @@ class ProbSink:
 
 
 def _ramp_source(h=100, w=90):
-    from segclip_d2.raster.io import ArraySource
+    from segclip_d2.raster.sources import ArraySource
 
     # A smooth left-to-right ramp: every block has another mean brightness.
     rgb = np.repeat(np.linspace(0, 255, w)[None, :, None], h, 0).repeat(3, 2).astype(np.uint8)
@@ -279,7 +274,7 @@ def test_block_blending_tapers_the_seams_that_cropping_leaves(blend):
 
 def test_block_blending_keeps_only_a_strip_of_pending_sums():
     from segclip_d2.predict import blocks as pipeline
-    from segclip_d2.raster.io import ArraySource
+    from segclip_d2.raster.sources import ArraySource
 
     src = ArraySource.__new__(ArraySource)
     h = w = 256

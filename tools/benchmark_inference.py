@@ -249,7 +249,7 @@ def case_tiles(args) -> None:
     import numpy as np
     import torch
 
-    from segclip_d2.raster.io import ArraySource
+    from segclip_d2.raster.sources import ArraySource
 
     torch.set_num_threads(args.threads)
     cfg, model, inferencer = load_model(args.config, args.opts)
@@ -438,7 +438,7 @@ def mode_ab(args) -> None:
 
     import torch
 
-    from segclip_d2.raster.io import ArraySource
+    from segclip_d2.raster.sources import ArraySource
 
     torch.set_num_threads(args.threads)
     config = args.config or str(R50_CONFIG)

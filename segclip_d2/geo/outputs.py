@@ -32,7 +32,7 @@ from ..raster.writers import (
     GeoTiffWriter,
     ProbabilityWriter,
     confidence_bands,
-    write_png,
+    staged_png,
 )
 from .vectorize import DRIVERS, STRIP_PIXELS, Polygonizer, PolygonWriter
 
@@ -133,10 +133,11 @@ class PolygonSink:
         self.ids, self.conf, self.filled = self.ids[n:], self.conf[n:], self.filled[n:]
         self.top += n
 
-    def close(self) -> None:
+    def finish(self):
+        """The polygons of every region, written under a temp name (an AtomicFile)."""
         self._flush(final=True)
         self.writer.add(self.poly.finish())
-        self.writer.close()
+        return self.writer.finish()
 
 
 def _raster_writers(src, out_dir: Path, stem: str, names, opts: OutputOptions) -> list:
@@ -164,13 +165,15 @@ def predict_to_outputs(
     every requested output for it, block by block; returns (file names, blocks).
 
     ``scale`` (input pixel size / model GSD) predicts every block resampled by that factor; all
-    outputs stay on the input's grid. On any failure the input's unfinished files are discarded.
+    outputs stay on the input's grid. The outputs are renamed into place together once all of
+    them are complete: on any failure (unreadable block, disk full) none of them is, and the
+    files of an earlier run stay as they were.
     """
     if scale is not None:
         probs_fn = ResampledProbs(probs_fn, scale)
     out_dir = Path(out_dir)
     names = expected_outputs(stem, src.is_geotiff, opts)
-    writers = []
+    writers, staged = [], []
     try:
         writers = _raster_writers(src, out_dir, stem, names, opts)
         if src.is_geotiff:
@@ -195,26 +198,40 @@ def predict_to_outputs(
             src, probs_fn, sinks, opts.block_size, opts.margin, opts.progress, opts.block_blend
         )
         while writers:
-            writers.pop(0).close(True)
+            staged.append(writers[0].finish())
+            writers.pop(0)
         if polygons is not None:
-            polygons.close()
-        _write_images(src, image, out_dir, stem, names, opts)
+            staged.append(polygons.finish())
+        staged += _stage_images(src, image, out_dir, stem, names, opts)
+        for f in staged:
+            f.commit()
+        staged = []
     finally:
         for wr in writers:
             wr.close(False)
+        for f in staged:
+            f.abort()
     return names, n
 
 
-def _write_images(src, image, out_dir: Path, stem: str, names, opts: OutputOptions) -> None:
-    """The class-id PNG (ordinary images), the colour map and the overlay."""
-    if src.is_geotiff:
-        ids, rgb = image.ids, image.rgb  # the preview
-    else:
-        ids, rgb = image.ids, src.rgb
-        write_png(out_dir / names[0], ids)
-    color = colorize(ids, opts.colors)
-    write_png(out_dir / f"{stem}_color.png", color)
-    write_png(out_dir / f"{stem}_overlay.png", overlay(rgb, color, ids, opts.alpha))
+def _stage_images(src, image, out_dir: Path, stem: str, names, opts: OutputOptions) -> list:
+    """The class-id PNG (ordinary images), the colour map and the overlay, under temp names."""
+    staged = []
+    try:
+        if src.is_geotiff:
+            ids, rgb = image.ids, image.rgb  # the preview
+        else:
+            ids, rgb = image.ids, src.rgb
+            staged.append(staged_png(out_dir / names[0], ids))
+        color = colorize(ids, opts.colors)
+        staged.append(staged_png(out_dir / f"{stem}_color.png", color))
+        over = overlay(rgb, color, ids, opts.alpha)
+        staged.append(staged_png(out_dir / f"{stem}_overlay.png", over))
+    except BaseException:
+        for f in staged:
+            f.abort()
+        raise
+    return staged
 
 
 def outputs_complete(out_dir: Path, names: Sequence[str]) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.dataset_facts import IGNORE_LABEL
-from ..utils.atomic import atomic_output
+from ..utils.atomic import AtomicFile
 from .gsd import metres_per_unit
 
 logger = logging.getLogger(__name__)
@@ -221,6 +221,12 @@ class PolygonWriter:
 
     def close(self) -> int:
         """Write the file (temp name + rename); returns the number of features."""
+        self.finish().commit()
+        return len(self.geoms)
+
+    def finish(self) -> AtomicFile:
+        """Write the file under a temp name; ``.commit()`` the returned :class:`AtomicFile` to
+        rename it into place."""
         import pyogrio.raw
         import shapely
 
@@ -233,10 +239,11 @@ class PolygonWriter:
             np.asarray(self.confs, np.float64),
         ]
         geoms = np.asarray(self.geoms, dtype=object)
-        with atomic_output(self.path) as tmp:
-            tmp.unlink()  # pyogrio creates the file itself
+        out = AtomicFile(self.path)
+        try:
+            out.tmp.unlink()  # pyogrio creates the file itself
             pyogrio.raw.write(
-                str(tmp),
+                str(out.tmp),
                 shapely.to_wkb(geoms) if len(geoms) else np.asarray([], object),
                 data,
                 fields,
@@ -245,7 +252,10 @@ class PolygonWriter:
                 geometry_type="Polygon",
                 crs=self.crs.to_wkt() if self.crs is not None else None,
             )
-        return len(self.geoms)
+        except BaseException:
+            out.abort()
+            raise
+        return out
 
 
 def write_polygons(

@@ -4,6 +4,7 @@ into place only when complete)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..utils.atomic import AtomicFile, atomic_output
+from ..utils.atomic import AtomicFile, temp_name
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,21 @@ class Georef:
 
 def write_png(path: str | Path, array: np.ndarray) -> None:
     """Write an (H, W) or (H, W, 3) RGB uint8 array as PNG via a temp file + rename."""
-    path = Path(path)
-    with atomic_output(path) as tmp:
+    staged_png(path, array).commit()
+
+
+def staged_png(path: str | Path, array: np.ndarray) -> AtomicFile:
+    """Write the PNG of ``array`` under a temp name next to ``path``; ``.commit()`` the returned
+    :class:`AtomicFile` to rename it into place."""
+    out = AtomicFile(path)
+    try:
         arr = array if array.ndim == 2 else array[:, :, ::-1]  # RGB -> BGR for OpenCV
-        if not cv2.imwrite(str(tmp), np.ascontiguousarray(arr)):
+        if not cv2.imwrite(str(out.tmp), np.ascontiguousarray(arr)):
             raise OSError(f"{path}: could not be written")
+    except BaseException:
+        out.abort()
+        raise
+    return out
 
 
 class RasterWriter:
@@ -128,14 +139,15 @@ class RasterWriter:
         _, h, w = data.shape
         self._ds.write(data, window=Window(x, y, w, h))
 
-    def close(self, ok: bool = True) -> None:
-        """Finish (``ok``: after the COG conversion, rename into place) or discard; the final
-        name only ever holds a whole file."""
+    def finish(self) -> AtomicFile:
+        """Close the raster (and convert it to a COG); the complete file waits under its temp
+        name: ``.commit()`` the returned :class:`AtomicFile` to rename it into place, or
+        ``.abort()`` it. On an error the temp file is removed."""
         try:
             self._ds.close()
-            if ok and self.cog:
-                stage = self._tmp.with_name(self._tmp.name + ".stage.tif")
-                os.replace(self._tmp, stage)  # the GTiff; the COG is written under the temp name
+            if self.cog:
+                stage = temp_name(self.path)  # the GTiff; the COG is written under the temp name
+                os.replace(self._tmp, stage)
                 try:
                     to_cog(stage, self._tmp, self.overview_resampling, self.nbits, self.block)
                 finally:
@@ -143,9 +155,16 @@ class RasterWriter:
         except BaseException:
             self._out.abort()
             raise
+        return self._out
+
+    def close(self, ok: bool = True) -> None:
+        """Finish and rename into place (``ok``) or discard; the final name only ever holds a
+        whole file."""
         if ok:
-            self._out.commit()
+            self.finish().commit()
         else:
+            with contextlib.suppress(Exception):
+                self._ds.close()
             self._out.abort()
 
 
