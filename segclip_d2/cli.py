@@ -117,9 +117,12 @@ def class_list(text: str) -> list[str]:
 # ------------------------------------------------------------------------------- the demo
 def add_demo_arguments(p) -> None:
     """Every flag of demo/demo.py."""
-    from .geo.vectorize import DRIVERS
-    from .predict.blocks import BLOCK_BLENDS
+    _add_model_arguments(p)
+    _add_block_arguments(p)
+    _add_output_arguments(p)
 
+
+def _add_model_arguments(p) -> None:
     p.add_argument("--config-file", metavar="FILE", help="model config (YAML); not with --onnx")
     p.add_argument(
         "--onnx", default="", metavar="FILE", help="exported model: run with onnxruntime"
@@ -133,6 +136,22 @@ def add_demo_arguments(p) -> None:
         help="comma-separated custom vocabulary (needs MODEL.SEGCLIP.CLASS_HEAD text)",
     )
     add_inference_arguments(p)
+    p.add_argument(
+        "--allow-random-weights",
+        action="store_true",
+        help="run without trained weights (MODEL.WEIGHTS empty): meaningless predictions",
+    )
+    p.add_argument(
+        "--opts",
+        default=[],
+        nargs=argparse.REMAINDER,
+        help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS model_final.pth",
+    )
+
+
+def _add_block_arguments(p) -> None:
+    from .predict.blocks import BLOCK_BLENDS
+
     p.add_argument("--bands", type=band_list, default=None, help="1-based R,G,B bands, e.g. 3,2,1")
     p.add_argument("--block-size", type=positive_int, default=1024, help="pixels per block (1024)")
     p.add_argument(
@@ -148,6 +167,19 @@ def add_demo_arguments(p) -> None:
     p.add_argument(
         "--preview-size", type=positive_int, default=2048, help="long side of raster previews"
     )
+    p.add_argument(
+        "--gsd",
+        type=gsd_value,
+        default="auto",
+        help="auto (resample to the model's training GSD when the raster's differs by >10%%), "
+        "off, or a pixel size in metres to predict at",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_output_arguments(p) -> None:
+    from .geo.vectorize import DRIVERS
+
     p.add_argument("--alpha", type=unit_interval, default=0.5, help="overlay opacity, 0..1 (0.5)")
     p.add_argument(
         "--probabilities",
@@ -176,32 +208,25 @@ def add_demo_arguments(p) -> None:
         help="write class polygons <stem>_pred.gpkg / .geojson (class_id, class_name, area_m2, "
         "mean_confidence)",
     )
-    p.add_argument("--min-area", type=non_negative, default=0.0, metavar="M2", help="m²")
-    p.add_argument("--simplify", type=non_negative, default=0.0, metavar="TOL", help="CRS units")
     p.add_argument(
-        "--gsd",
-        type=gsd_value,
-        default="auto",
-        help="auto (resample to the model's training GSD when the raster's differs by >10%%), "
-        "off, or a pixel size in metres to predict at",
+        "--min-area",
+        type=non_negative,
+        default=0.0,
+        metavar="M2",
+        help="drop smaller polygons (m²)",
+    )
+    p.add_argument(
+        "--simplify",
+        type=non_negative,
+        default=0.0,
+        metavar="TOL",
+        help="simplify polygons (CRS units)",
     )
     p.add_argument(
         "--skip-existing",
         action="store_true",
         help="skip inputs whose outputs are complete and were made with the same model and "
         "settings (as the run manifest records): resume a killed run",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--allow-random-weights",
-        action="store_true",
-        help="run without trained weights (MODEL.WEIGHTS empty): meaningless predictions",
-    )
-    p.add_argument(
-        "--opts",
-        default=[],
-        nargs=argparse.REMAINDER,
-        help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS model_final.pth",
     )
 
 
