@@ -173,7 +173,6 @@ def _main(argv=None) -> int:
     from segclip_d2.geo.gsd import GsdPolicy
     from segclip_d2.geo.outputs import is_output_name
     from segclip_d2.predict.blocks import block_probs
-    from segclip_d2.raster.writers import write_png
     from segclip_d2.utils.atomic import remove_stale_temps
 
     args = get_parser().parse_args(argv)
@@ -198,9 +197,9 @@ def _main(argv=None) -> int:
     if getattr(backend, "cfg", None) is not None:
         launch.setup(backend.cfg.MODEL.DEVICE)
     title = Path(args.onnx or args.config_file).stem
-    if launch.rank == 0:
-        write_png(out_dir / "legend.png", draw_legend(backend.class_names, backend.colors, title))
     run = InputRun(out_dir, block_probs(backend), opts, GsdPolicy(args.gsd, backend.trained_gsd))
+    if launch.rank == 0:
+        run.write_legend(draw_legend(backend.class_names, backend.colors, title))
     run.bands, run.progress, run.skip_existing = (
         args.bands,
         not args.no_progress,

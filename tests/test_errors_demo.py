@@ -345,15 +345,26 @@ def test_disk_full_fails_that_input_and_the_run_goes_on(
     assert not list(out.glob("a_pred.*")) and not [p for p in out.iterdir() if p.name[0] == "."]
 
 
-def test_manifest_that_cannot_be_written_is_one_line(demo, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("segclip_d2.geo.batch.write_manifest", _enospc)
+# (id, the run file's writer, its name, whether the input is predicted before it)
+RUN_FILES = [
+    ("legend", "segclip_d2.raster.writers.write_png", "legend.png", False),
+    ("manifest", "segclip_d2.geo.batch.write_manifest", "run_manifest.json", True),
+]
+
+
+@pytest.mark.parametrize("case,target,name,predicted", RUN_FILES, ids=[c[0] for c in RUN_FILES])
+def test_run_file_that_cannot_be_written_is_one_line(
+    demo, tmp_path, monkeypatch, capsys, case, target, name, predicted
+):
+    monkeypatch.setattr(target, _enospc)
     model = tiny_onnx(tmp_path / "tiny.onnx")
     out = tmp_path / "out"
     assert _onnx_run(demo, model, [_solid(tmp_path / "x.png", RED)], out) == 2
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1 and "run_manifest.json" in lines[0] and "No space left" in lines[0]
-    assert "Traceback" not in err and (out / "x_pred.png").is_file()
+    assert len(lines) == 1 and name in lines[0] and "No space left" in lines[0], err
+    assert "Traceback" not in err and (out / "x_pred.png").is_file() == predicted
+    assert not (out / name).exists()
 
 
 # ------------------------------------------------------------------ issue 20, item 8: class names

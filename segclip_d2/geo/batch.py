@@ -317,6 +317,20 @@ class InputRun:
             self._previous = read_manifest(self.out_dir) if self.skip_existing else {}
         return self._previous
 
+    def write_legend(self, image) -> None:
+        """``legend.png`` (RGB array); a disk that cannot take it is one line, before any input."""
+        from ..errors import UserError
+        from ..raster.writers import write_png
+
+        try:
+            write_png(self.out_dir / "legend.png", image)
+        except OSError as e:
+            raise UserError(
+                str(self.out_dir / "legend.png"),
+                f"could not be written ({e.strerror or e})",
+                "free space or choose another --output",
+            ) from None
+
     def write_manifest(self, records, final: bool) -> None:
         from ..errors import UserError
 
