@@ -299,3 +299,36 @@ def test_block_blending_keeps_only_a_strip_of_pending_sums():
     cells_per_row = w // 8
     # Pending cells: the two cell rows of the seam below the current block row, plus one block.
     assert max(seen) <= 3 * cells_per_row + (32 + 16) // 8 * ((32 + 16) // 8)
+
+
+@pytest.mark.parametrize("blend", ["crop", "flat", "cosine"])
+def test_blocks_are_read_once_and_sinks_get_the_source_pixels(blend):
+    """Each block window is read once (no second read for blended pixels), the sinks get the
+    source's own pixels, and the class ids are the argmax of the probabilities they get."""
+    from segclip_d2.predict.blocks import block_grid, predict_source
+
+    src = _ramp_source(100, 90)
+    src.rgb = np.random.default_rng(0).integers(0, 256, (100, 90, 3), dtype=np.uint8)
+    reads = []
+    read = src.read
+
+    def counting_read(y, x, h, w):
+        reads.append((y, x, h, w))
+        return read(y, x, h, w)
+
+    src.read = counting_read
+
+    class RgbSink(ProbSink):
+        def __init__(self, h, w):
+            super().__init__(h, w)
+            self.rgb = np.zeros((h, w, 3), np.uint8)
+
+        def add(self, y, x, ids, rgb, probs=None):
+            super().add(y, x, ids, rgb, probs)
+            self.rgb[y : y + ids.shape[0], x : x + ids.shape[1]] = rgb
+
+    sink = RgbSink(100, 90)
+    predict_source(src, WindowContext(), [sink], block_size=32, margin=8, blend=blend)
+    assert len(reads) == len(block_grid(100, 90, 32))
+    np.testing.assert_array_equal(sink.rgb, src.rgb)
+    np.testing.assert_array_equal(sink.ids, sink.p.argmax(0))
