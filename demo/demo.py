@@ -5,96 +5,44 @@
         --input tile.png folder/ "scenes/*.tif" --output out/ \\
         [--tta] [--precision fp32|bf16|fp16] [--classes road,water,forest] [--bands 3,2,1] \\
         [--opts MODEL.WEIGHTS model_final.pth TEST.MODE slide]
+    python demo/demo.py --onnx model.onnx --input ... --output out/   # onnxruntime, no torch
 
-Outputs in ``--output``, per input ``<stem>``:
+Outputs in ``--output``, per input ``<stem>``: ``<stem>_pred.png`` (class ids, uint8, 255 = no
+data) or, for rasters, ``<stem>_pred.tif`` (a COG with the input's CRS and transform or GCPs,
+nodata 255, a colour table); ``<stem>_color.png`` and ``<stem>_overlay.png`` (previews of at most
+``--preview-size`` pixels for rasters); optional probabilities, confidence and polygons
+(``--probabilities``, ``--confidence``, ``--vector``); one ``legend.png`` and
+``run_manifest.json`` per run. Every flag is defined in :mod:`segclip_d2.cli`.
 
-- ``<stem>_pred.png``: class ids (uint8, 255 = no data), full resolution (ordinary images);
-- ``<stem>_color.png``: the class map in the dataset palette;
-- ``<stem>_overlay.png``: the colour map blended over the image;
-- ``<stem>_pred.tif`` (GeoTIFF inputs, instead of ``_pred.png``): class ids with the input's CRS
-  and transform, nodata 255 for the input's no-data pixels, and a colour table; written window
-  by window. For GeoTIFFs ``_color.png``/``_overlay.png`` are previews of at most
-  ``--preview-size`` pixels on the long side;
-
-and one ``legend.png`` per run (class id, colour and name of the vocabulary used).
-
-Large inputs are predicted in blocks of ``--block-size`` pixels with ``--block-margin`` pixels of
-context; each block goes through the configured ``SegInferencer`` (``TEST.MODE`` whole or slide,
-TTA, precision). Inputs that cannot be read (missing, corrupt or truncated, bands that cannot be
-told apart) are reported and skipped; the exit code is 1 when any input failed.
-
-A bad command line, config, weights file or output folder is one line ``error: <file or key>:
-<what>; <what to do>`` and exit code 2 (:mod:`segclip_d2.errors`; ``--debug`` adds the
-traceback), found before the model is built and before anything is written. A model without
-trained weights (``MODEL.WEIGHTS`` empty) is refused unless ``--allow-random-weights``. Temp files
-left in ``--output`` by killed earlier runs are removed (never those of a running one).
-
-``--onnx model.onnx`` predicts with an exported model (``tools/export_onnx.py``) through
-onnxruntime instead: same blocks, GeoTIFF handling and outputs, windows of the model's tile size
-inside each block; that path imports neither torch nor detectron2.
+Both back-ends are one object with ``predict_probs(rgb)``, ``class_names`` and ``colors``
+(:func:`load_backend`); everything after loading is one flow: inputs are cut into blocks of
+``--block-size`` pixels with ``--block-margin`` of context, blended (``--block-blend``), and fed
+to the output writers block by block. Inputs that cannot be read are reported and skipped (exit
+1); a bad command line, config, weights or model file is one line ``error: <where>: <what>;
+<fix>`` and exit 2, found before anything is written. Disk full fails the input being written and
+the run goes on; the manifest still lists every input.
 """
 
 from __future__ import annotations
 
-import argparse
-import glob
 import logging
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 logger = logging.getLogger("segclip_d2.demo")
 
 # GDAL block cache (MB) while the demo reads and writes rasters.
 GDAL_CACHE_MB = 64
-# Errors that make one input fail without stopping the others.
-_INPUT_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError)
 
 
-def get_parser() -> argparse.ArgumentParser:
-    from segclip_d2.cli import add_inference_arguments
+def get_parser():
+    from segclip_d2.cli import add_demo_arguments
     from segclip_d2.errors import ArgumentParser
-    from segclip_d2.geo.outputs import add_output_arguments
 
     p = ArgumentParser(description="SegCLIP demo on images and GeoTIFFs")
-    p.add_argument("--config-file", metavar="FILE", help="model config (YAML); not with --onnx")
-    p.add_argument(
-        "--onnx", default="", metavar="FILE", help="exported model: run it with onnxruntime"
-    )
-    p.add_argument(
-        "--input", nargs="+", required=True, help="image files, folders or glob patterns"
-    )
-    p.add_argument("--output", required=True, help="output folder (created if missing)")
-    p.add_argument(
-        "--classes",
-        default="",
-        help="comma-separated custom vocabulary (needs MODEL.SEGCLIP.CLASS_HEAD text)",
-    )
-    add_inference_arguments(p)
-    add_output_arguments(p)
-    p.add_argument("--bands", default="", help="1-based bands used as R,G,B, e.g. 3,2,1")
-    p.add_argument("--block-size", type=int, default=1024, help="pixels per block (default 1024)")
-    p.add_argument(
-        "--block-margin", type=int, default=128, help="context pixels around each block (128)"
-    )
-    p.add_argument(
-        "--preview-size", type=int, default=2048, help="long side of GeoTIFF previews (2048)"
-    )
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--allow-random-weights",
-        action="store_true",
-        help="run without trained weights (MODEL.WEIGHTS empty): meaningless predictions",
-    )
-    p.add_argument(
-        "--opts",
-        default=[],
-        nargs=argparse.REMAINDER,
-        help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS model_final.pth",
-    )
+    add_demo_arguments(p)
     return p
 
 
@@ -108,108 +56,79 @@ def setup_cfg(args):
     import torch
 
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning(
-            "MODEL.DEVICE is %s but no GPU is available: running on CPU", cfg.MODEL.DEVICE
-        )
+        logger.warning("MODEL.DEVICE is %s but no GPU is available: CPU", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
     return cfg
 
 
-def expand_inputs(patterns) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files of ``patterns`` (files, folders, globs, VRT mosaics; GDAL paths such as
-    ``/vsicurl/...`` or ``s3://...`` are kept as given), in order, without duplicates; and
-    ``(pattern, reason)`` for patterns that match nothing."""
-    from segclip_d2.raster.io import IMAGE_EXTS, is_remote
+def load_backend(args):
+    """The model of ``--onnx`` (onnxruntime, no torch) or ``--config-file`` (PyTorch): an object
+    with ``predict_probs(rgb) -> (K, h, w)``, ``__call__(rgb, valid) -> (ids, probs)``,
+    ``class_names``, ``colors``, ``trained_gsd``, ``model_file``. Every problem is a UserError."""
+    from segclip_d2.errors import UserError
 
-    files: list[Path | str] = []
-    missing: list[tuple[str, str]] = []
-    for pat in patterns:
-        p = Path(pat)
-        if is_remote(pat) and not p.exists():
-            found = [str(pat)]  # opened by GDAL; an unreachable source fails as that input
-        elif p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)
-            if not found:
-                missing.append((pat, f"folder has no image files ({', '.join(IMAGE_EXTS)})"))
-        elif p.exists():
-            found = [p]
-        elif glob.has_magic(pat):
-            found = sorted(Path(f) for f in glob.glob(pat, recursive=True) if Path(f).is_file())
-            if not found:
-                missing.append((pat, "pattern matches no file"))
-        else:
-            found = []
-            missing.append((pat, "no such file or folder"))
-        for f in found:
-            if f not in files:
-                files.append(f)
-    return files, missing
+    if args.onnx:
+        from segclip_d2.deploy.onnx_predictor import OnnxSegmenter
+
+        if args.classes or args.tta or args.precision or args.opts:
+            raise UserError(
+                "--onnx",
+                "--classes, --tta, --precision and --opts are PyTorch options",
+                "an ONNX model's vocabulary is fixed at export (tools/export_onnx.py --classes)",
+            )
+        backend = OnnxSegmenter(args.onnx)  # UserError for a missing or foreign file
+        check_onnx_output(backend)
+        gsd = (backend.card.get("training") or {}).get("gsd_m")
+        backend.trained_gsd, backend.model_file = float(gsd) if gsd else None, args.onnx
+        return backend
+    from segclip_d2.geo.gsd import model_gsd
+    from segclip_d2.predict.load import build_predictor
+    from segclip_d2.predict.vocabulary import check_custom_classes, dataset_vocabulary
+
+    cfg = setup_cfg(args)
+    if args.classes:
+        check_custom_classes(cfg, args.classes, len(dataset_vocabulary(cfg)[0]))
+    backend = build_predictor(
+        cfg=cfg, device=None, precision=None, allow_random_weights=args.allow_random_weights
+    )
+    if args.classes:
+        backend.set_vocabulary(args.classes)
+    backend.trained_gsd, backend.model_file = model_gsd(backend.cfg), backend.cfg.MODEL.WEIGHTS
+    logger.info("inference: %s", backend)
+    return backend
 
 
-def dataset_vocabulary(cfg) -> tuple[list[str], list[tuple[int, int, int]]]:
-    """Class names and colours of the config's dataset (metadata from dataset_facts)."""
-    from detectron2.data import MetadataCatalog
+def check_onnx_output(backend) -> None:
+    """The exported model gives (B, K, S, S) class probabilities for its (B, 3, S, S) tiles."""
+    import numpy as np
 
-    from segclip_d2.errors import UserError, check_datasets
+    from segclip_d2.errors import UserError
 
-    names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
-    if not names:
+    s, k = backend.tile_size, backend.num_classes
+    shape = tuple(backend.predict_batch(np.zeros((1, s, s, 3), np.float32)).shape)
+    if shape != (1, k, s, s):
         raise UserError(
-            "DATASETS.TEST",
-            "the config names no dataset, so the class names are unknown",
-            "set DATASETS.TEST to the dataset the model was trained on",
+            backend.path,
+            f"the model maps a (1, 3, {s}, {s}) tile to {shape}, not (1, {k}, {s}, {s}): "
+            "probabilities at another resolution than the input, or another number of classes",
+            "export the model with tools/export_onnx.py",
         )
-    key = "DATASETS.TEST" if cfg.DATASETS.TEST else "DATASETS.TRAIN"
-    check_datasets(names[:1], key)
-    meta = MetadataCatalog.get(names[0])
-    classes = meta.get("stuff_classes", None)
-    colors = meta.get("stuff_colors", None)
-    if not classes or not colors:
-        raise UserError(key, f"dataset {names[0]!r} has no classes/colours", None)
-    return list(classes), [tuple(int(v) for v in c) for c in colors]
 
 
-def build_predictor(cfg):
-    """The model in eval mode (weights from MODEL.WEIGHTS when set) and its inferencer."""
-    import torch  # noqa: F401
-    from detectron2.modeling import build_model
+def run_settings(args, backend) -> dict:
+    """What decides an input's outputs (``--skip-existing`` reuses only outputs made with it):
+    the model file (path, size, time), the whole resolved config, the vocabulary, output flags."""
+    from segclip_d2.geo.batch import file_identity
 
-    import segclip_d2.modeling  # noqa: F401  (registers the model parts)
-    import segclip_d2.modeling.backbone  # noqa: F401  (CLIP ResNet backbone)
-    import segclip_d2.modeling.meta_arch  # noqa: F401  (SegCLIP)
-    from segclip_d2.checkpoint.checkpointer import InferenceCheckpointer
-    from segclip_d2.errors import check_weights_file
-    from segclip_d2.predict import SegInferencer
-    from segclip_d2.predict.optimize import optimize_for_inference
-
-    check_weights_file(cfg.MODEL.WEIGHTS, "--opts MODEL.WEIGHTS")
-    model = build_model(cfg)
-    model.eval()
-    if cfg.MODEL.WEIGHTS:
-        # a corrupt file or one that does not fit the config is a UserError naming it
-        InferenceCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    else:
-        logger.warning("MODEL.WEIGHTS is empty: the model is randomly initialised")
-    model = optimize_for_inference(model, cfg.MODEL.DEVICE, cfg.TEST.PRECISION)
-    inferencer = SegInferencer(cfg)
-    return model, inferencer
-
-
-def process_input(path, stem: str, out_dir: Path, predictor, opts, gsd_policy, args) -> str:
-    """Predict one input and write its outputs; returns a one-line summary."""
-    from segclip_d2.geo.outputs import predict_to_outputs
-    from segclip_d2.raster.io import open_source, parse_bands
-
-    t0 = time.perf_counter()
-    src = open_source(path, parse_bands(args.bands))
-    try:
-        scale = gsd_policy.scale_for(src)
-        written, n = predict_to_outputs(src, predictor, out_dir, stem, opts, scale)
-    finally:
-        src.close()
-    dt = time.perf_counter() - t0
-    return f"{path}: {src.height}x{src.width}, {n} block(s), {dt:.1f} s -> {', '.join(written)}"
+    keys = ("bands", "gsd", "alpha", "block_size", "block_margin", "block_blend")
+    keys += ("preview_size", "min_area", "simplify")
+    cfg = getattr(backend, "cfg", None)
+    return {
+        **{k: getattr(args, k) for k in keys},
+        "model": file_identity(backend.model_file),
+        "config": cfg.dump() if cfg is not None else None,
+        "classes": list(backend.class_names),
+    }
 
 
 def _exit_on_sigterm(signum, frame):
@@ -217,247 +136,69 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def preflight(args):
-    """Every check that needs no model: command line, config, vocabulary, weights file, output
-    folder. Returns ``(cfg, classes, colors, custom classes)``; nothing is written."""
-    from segclip_d2.errors import (
-        UserError,
-        check_trained_weights,
-        check_weights_file,
-        check_writable_dir,
-    )
-    from segclip_d2.raster.io import parse_bands
-
-    try:
-        parse_bands(args.bands)
-    except ValueError as e:
-        raise UserError("--bands", str(e).removeprefix("--bands "), "e.g. --bands 3,2,1") from None
-    if args.block_size <= 0 or args.block_margin < 0 or args.preview_size <= 0:
-        raise UserError(
-            "--block-size/--block-margin/--preview-size",
-            f"got {args.block_size}/{args.block_margin}/{args.preview_size}",
-            "sizes must be > 0 and the margin >= 0",
-        )
-    cfg = setup_cfg(args)
-    classes, colors = dataset_vocabulary(cfg)
-    custom = [c.strip() for c in args.classes.split(",") if c.strip()]
-    if custom and cfg.MODEL.SEGCLIP.CLASS_HEAD != "text":
-        raise UserError(
-            "--classes",
-            f"needs a model with the text-similarity class head (MODEL.SEGCLIP.CLASS_HEAD text); "
-            f"{args.config_file} uses {cfg.MODEL.SEGCLIP.CLASS_HEAD!r}, whose classifier is fixed "
-            f"to the {len(classes)} training classes",
-            "drop --classes or use a text-head model",
-        )
-    check_weights_file(cfg.MODEL.WEIGHTS, "--opts MODEL.WEIGHTS")
-    check_trained_weights(cfg.MODEL.WEIGHTS, args.allow_random_weights)
-    check_writable_dir(args.output, "--output")
-    return cfg, classes, colors, custom
-
-
 def _main(argv=None) -> int:
-    from segclip_d2.errors import UserError
+    from segclip_d2.cli import output_options
+    from segclip_d2.data.visualize import draw_legend
+    from segclip_d2.errors import UserError, check_writable_dir
+    from segclip_d2.geo.batch import InputRun, Launch, expand_inputs, output_stems, shard
+    from segclip_d2.geo.gsd import GsdPolicy
+    from segclip_d2.geo.outputs import is_output_name
+    from segclip_d2.predict.blocks import block_probs
+    from segclip_d2.utils.atomic import remove_stale_temps
 
     args = get_parser().parse_args(argv)
     if bool(args.onnx) == bool(args.config_file):
-        raise UserError(
-            "--config-file/--onnx", "give exactly one", "a config (PyTorch) or an exported model"
-        )
+        raise UserError("--config-file/--onnx", "give exactly one", "a config or an ONNX model")
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
-    if args.onnx:
-        return main_onnx(args)
-
-    from segclip_d2.data.visualize import draw_legend, vocabulary_colors
-    from segclip_d2.raster.io import remove_stale_temps, write_png
-
-    cfg, classes, colors, custom = preflight(args)
-
-    from segclip_d2.errors import UserError
-    from segclip_d2.geo.batch import Launch, shard, write_manifest
-    from segclip_d2.geo.gsd import GsdPolicy, model_gsd, parse_gsd
-    from segclip_d2.geo.outputs import output_options
-
-    try:
-        gsd_option = parse_gsd(args.gsd)
-        output_options(args, classes, colors)  # validates the output flags
-    except ValueError as e:
-        raise UserError("output options", str(e), "see demo/README.md") from None
-    launch = Launch()
-    files, missing = expand_inputs(args.input)
-    failures = [(str(p), why) for p, why in missing]
+    check_writable_dir(args.output, "--output")
+    backend = load_backend(args)
+    opts = output_options(args, backend.class_names, backend.colors)
+    out_dir = Path(args.output)
+    files, missing = expand_inputs(args.input, out_dir, is_output_name)
     for p, why in missing:
         logger.error("input %s: %s", p, why)
+    launch = Launch()
     jobs = shard(list(enumerate(zip(files, output_stems(files)))), launch.rank, launch.world_size)
-
-    out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)  # of killed earlier runs; a running rank's temps stay
-    device = launch.setup(cfg.MODEL.DEVICE)
-    model, inferencer = build_predictor(cfg)
-    if device != cfg.MODEL.DEVICE:
-        model.to(device)
-    if custom:
-        model.set_vocabulary(custom)
-        colors = vocabulary_colors(custom, classes, colors)
-        classes = custom
-    logger.info("inference: %s", inferencer)
-
-    from segclip_d2.predict.blocks import ClassPredictor
-
-    predictor = ClassPredictor(model.predict_sem_seg_probs, inferencer, device)
-    opts = output_options(args, classes, colors)
-    gsd_policy = GsdPolicy(gsd_option, model_gsd(cfg))
+    if getattr(backend, "cfg", None) is not None:
+        launch.setup(backend.cfg.MODEL.DEVICE)
+    title = Path(args.onnx or args.config_file).stem
+    run = InputRun(out_dir, block_probs(backend), opts, GsdPolicy(args.gsd, backend.trained_gsd))
     if launch.rank == 0:
-        write_png(
-            out_dir / "legend.png", draw_legend(classes, colors, title=Path(args.config_file).stem)
-        )
-
-    iterator = jobs
-    if not args.no_progress and len(jobs) > 1:
-        from tqdm import tqdm
-
-        iterator = tqdm(jobs, desc="inputs", unit="file")
+        run.write_legend(draw_legend(backend.class_names, backend.colors, title))
+    run.bands, run.progress, run.skip_existing = (
+        args.bands,
+        not args.no_progress,
+        args.skip_existing,
+    )
+    run.settings = run_settings(args, backend)
+    run.summary = {
+        "model_file": backend.model_file,
+        "classes": list(backend.class_names),
+        "model_gsd_m": backend.trained_gsd,
+        "inference": repr(getattr(backend, "inferencer", backend)),
+        "world_size": launch.world_size,
+        "missing_inputs": [{"input": p, "error": why} for p, why in missing],
+    }
     import rasterio
 
     # GDAL's block cache defaults to 5% of RAM; a small cap keeps GeoTIFF memory flat in size.
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-        records = _run_inputs(iterator, out_dir, predictor, opts, gsd_policy, args)
-    failures += [(r["input"], r["error"]) for r in records if r["status"] == "failed"]
+        records = run.all(jobs, progressive=launch.world_size == 1)
     everything = launch.gather(records)
     launch.close()
     if everything is not None:
-        summary = {
-            "config_file": args.config_file,
-            "weights": cfg.MODEL.WEIGHTS,
-            "classes": list(classes),
-            "model_gsd_m": model_gsd(cfg),
-            "gsd": args.gsd,
-            "inference": repr(inferencer),
-            "world_size": launch.world_size,
-            "missing_inputs": [{"input": p, "error": why} for p, why in missing],
-        }
-        write_manifest(out_dir, everything, summary)
-    n_ok = sum(1 for r in records if r["status"] != "failed")
-    logger.info("%d input(s) done, %d failed; outputs in %s", n_ok, len(failures), out_dir)
-    for p, why in failures:
-        logger.info("  failed: %s (%s)", p, why)
-    return 1 if failures else 0
-
-
-def main_onnx(args) -> int:
-    """``--onnx``: the exported model through onnxruntime (no torch / detectron2 import); the
-    same blocks, outputs (probabilities, confidence, COG, polygons), GSD handling and manifest as
-    the PyTorch path, in one process."""
-    from segclip_d2.data.visualize import draw_legend
-    from segclip_d2.deploy.onnx_predictor import OnnxSegmenter
-    from segclip_d2.errors import UserError, check_writable_dir
-    from segclip_d2.geo.batch import write_manifest
-    from segclip_d2.geo.gsd import GsdPolicy, parse_gsd
-    from segclip_d2.geo.outputs import output_options
-    from segclip_d2.raster.io import parse_bands, remove_stale_temps, write_png
-
-    try:
-        parse_bands(args.bands)
-    except ValueError as e:
-        raise UserError("--bands", str(e).removeprefix("--bands "), "e.g. --bands 3,2,1") from None
-    if args.classes or args.tta or args.precision or args.opts:
-        raise UserError(
-            "--onnx",
-            "--classes, --tta, --precision and --opts are PyTorch options",
-            "an ONNX model's vocabulary is fixed at export (tools/export_onnx.py --classes)",
-        )
-    if args.block_size <= 0 or args.block_margin < 0 or args.preview_size <= 0:
-        raise UserError(
-            "--block-size/--block-margin/--preview-size",
-            f"got {args.block_size}/{args.block_margin}/{args.preview_size}",
-            "sizes must be > 0 and the margin >= 0",
-        )
-    check_writable_dir(args.output, "--output")
-    predictor = OnnxSegmenter(args.onnx)  # UserError for a missing or foreign file
-    try:
-        gsd_option = parse_gsd(args.gsd)
-        opts = output_options(args, predictor.class_names, predictor.colors)
-    except ValueError as e:
-        raise UserError("output options", str(e), "see demo/README.md") from None
-    trained_gsd = (predictor.card.get("training") or {}).get("gsd_m")
-    gsd_policy = GsdPolicy(gsd_option, float(trained_gsd) if trained_gsd else None)
-    logger.info("inference: %s", predictor)
-    files, missing = expand_inputs(args.input)
-    failures = [(str(p), why) for p, why in missing]
-    for p, why in missing:
-        logger.error("input %s: %s", p, why)
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out_dir)
-    title = Path(args.onnx).stem
-    write_png(out_dir / "legend.png", draw_legend(predictor.class_names, predictor.colors, title))
-    import rasterio
-
-    jobs = list(enumerate(zip(files, output_stems(files))))
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-        records = _run_inputs(jobs, out_dir, predictor, opts, gsd_policy, args)
-    failures += [(r["input"], r["error"]) for r in records if r["status"] == "failed"]
-    summary = {
-        "onnx": args.onnx,
-        "classes": list(predictor.class_names),
-        "model_gsd_m": gsd_policy.trained_gsd,
-        "gsd": args.gsd,
-        "inference": repr(predictor),
-        "world_size": 1,
-        "missing_inputs": [{"input": p, "error": why} for p, why in missing],
-    }
-    write_manifest(out_dir, records, summary)
-    n_ok = sum(1 for r in records if r["status"] != "failed")
-    logger.info("%d input(s) done, %d failed; outputs in %s", n_ok, len(failures), out_dir)
-    return 1 if failures else 0
-
-
-def output_stems(files) -> list[str]:
-    """One output name per input: the file's stem, numbered when already used in this run."""
-    stems, used = [], {}
-    for path in files:
-        stem = Path(str(path)).stem
-        if stem in used:
-            used[stem] += 1
-            new = f"{stem}_{used[stem]}"
-            logger.warning("%s: output name already used in this run, writing %s_*", path, new)
-            stem = new
-        else:
-            used[stem] = 0
-        stems.append(stem)
-    return stems
-
-
-def _run_inputs(jobs, out_dir, predictor, opts, gsd_policy, args) -> list[dict]:
-    """Process every ``(index, (path, stem))``; returns one manifest record per input."""
-    from segclip_d2.geo.outputs import expected_outputs, outputs_complete
-    from segclip_d2.raster.io import is_raster_path
-
-    records = []
-    for index, (path, stem) in jobs:
-        names = expected_outputs(stem, is_raster_path(path), opts)
-        rec = {"index": index, "input": str(path), "outputs": names, "error": None}
-        t0 = time.perf_counter()
-        if args.skip_existing and outputs_complete(out_dir, names):
-            logger.info("%s: outputs complete, skipped (--skip-existing)", path)
-            rec["status"] = "skipped"
-        else:
-            try:
-                logger.info(
-                    "%s", process_input(path, stem, out_dir, predictor, opts, gsd_policy, args)
-                )
-                rec["status"] = "done"
-            except _INPUT_ERRORS as e:
-                msg = str(e) if str(path) in str(e) else f"{path}: {e}"
-                logger.error("failed: %s", msg)
-                rec.update(status="failed", error=str(e))
-        rec["seconds"] = round(time.perf_counter() - t0, 3)
-        records.append(rec)
-    return records
+        run.write_manifest(everything, final=True)
+    failed = [r for r in records if r["status"] == "failed"]
+    logger.info(
+        "%d input(s) done, %d failed; in %s", len(records) - len(failed), len(failed), out_dir
+    )
+    return 1 if failed or missing else 0
 
 
 def main(argv=None) -> int:

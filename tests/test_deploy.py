@@ -239,9 +239,7 @@ sys.meta_path.insert(0, _NoTorch())
 '''
 
 
-def test_demo_onnx_runs_without_torch(exported, tmp_path):
-    from test_demo import write_geotiff
-
+def test_demo_onnx_runs_without_torch(exported, tmp_path, write_geotiff):
     path = exported["path"]
     assert exported["code"] == 0, exported["stdout"]
     blocker = tmp_path / "blocker"

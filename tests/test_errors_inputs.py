@@ -1,11 +1,11 @@
-"""Inputs that are what they seem (segclip_d2.raster.io): truncated files of every format are
+"""Inputs that are what they seem (segclip_d2.raster.sources): truncated files of every format are
 failed inputs, band meaning comes from colour tags, GDAL's own error text is in the message."""
 
 import cv2
 import numpy as np
 import pytest
 
-from segclip_d2.raster.io import InputError, open_source
+from segclip_d2.raster.sources import InputError, open_source
 
 
 def _image(h=192, w=160, channels=3):
@@ -125,3 +125,151 @@ def test_png_alpha_channel_is_alpha(tmp_path):
     cv2.imwrite(str(path), rgba)
     _, valid = open_source(path).read(0, 0, 32, 32)
     assert not valid[:8].any() and valid[8:].all()
+
+
+# ----------------------------------------------------- issue 20, item 6: rasters as they are meant
+def _rgb_image(h=40, w=56):
+    """A smooth colour image and the brightness-based class ids a fake model gives it."""
+    return _image(h, w)
+
+
+def _red_is_class_1(rgb, valid):
+    """A fake model: class 1 where red > 127 (probabilities (2, h, w))."""
+    p1 = (rgb[..., 0].astype(np.float32) > 127).astype(np.float32)
+    return np.stack([1 - p1, p1])
+
+
+def _predict(path, tmp_path, stem="p", cog=False):
+    """Class ids of ``path`` through the demo's outputs (the fake model); the source too."""
+    from segclip_d2.geo.outputs import OutputOptions, predict_to_outputs
+
+    src = open_source(path)
+    opts = OutputOptions(["dark", "red"], [(0, 0, 0), (255, 0, 0)], cog=cog, block_size=32)
+    opts.margin = 8
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    try:
+        names, _ = predict_to_outputs(src, _red_is_class_1, out, stem, opts)
+    finally:
+        src.close()
+    return out / names[0]
+
+
+def _read_ids(path):
+    import rasterio
+
+    if path.suffix == ".png":
+        return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    with rasterio.open(path) as ds:
+        return ds.read(1)
+
+
+def _paletted(path):
+    """A paletted GeoTIFF of 4 colours (indices 0..3; index 3 is the nodata value; TIFF colour
+    tables hold no alpha)."""
+    import rasterio
+
+    colours = {0: (250, 20, 20, 255), 1: (20, 250, 20, 255), 2: (200, 200, 10, 255)}
+    colours[3] = (0, 0, 0, 255)
+    idx = np.zeros((40, 56), np.uint8)
+    idx[:, 14:28], idx[:, 28:42], idx[:, 42:] = 1, 2, 3
+    profile = dict(driver="GTiff", height=40, width=56, count=1, dtype="uint8")
+    with rasterio.open(path, "w", photometric="palette", nodata=3, **profile) as ds:
+        ds.write(idx, 1)
+        ds.write_colormap(1, colours)
+    lut = np.array([colours[i] for i in range(4)], np.uint8)
+    return lut[idx][..., :3], idx != 3
+
+
+def _gcps_only(path):
+    """An RGB GeoTIFF referenced by four ground control points only (no transform)."""
+    import rasterio
+    from rasterio.control import GroundControlPoint
+
+    rgb = _rgb_image()
+    gcps = [
+        GroundControlPoint(0, 0, 500000, 5000000),
+        GroundControlPoint(0, 56, 500017, 5000000),
+        GroundControlPoint(40, 0, 500000, 4999988),
+        GroundControlPoint(40, 56, 500017, 4999988),
+    ]
+    profile = dict(driver="GTiff", height=40, width=56, count=3, dtype="uint8")
+    with rasterio.open(path, "w", gcps=gcps, crs="EPSG:32633", **profile) as ds:
+        ds.write(np.moveaxis(rgb, -1, 0))
+    return rgb, gcps
+
+
+def _exif_rotated(path, orientation=6):
+    """A JPEG stored sideways with EXIF orientation ``orientation``; the image as displayed."""
+    from PIL import Image, ImageOps
+
+    stored = Image.fromarray(_rgb_image(40, 56))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, quality=95, exif=exif.tobytes())
+    with Image.open(path) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def _jp2(path):
+    """A JPEG 2000 file written by GDAL (the Sentinel-2 format), lossless."""
+    import rasterio
+
+    with rasterio.Env() as env:
+        if "JP2OpenJPEG" not in env.drivers():
+            pytest.skip("GDAL has no JP2OpenJPEG driver here")
+    rgb = _rgb_image()
+    profile = dict(driver="JP2OpenJPEG", height=40, width=56, count=3, dtype="uint8")
+    with rasterio.open(path, "w", QUALITY=100, REVERSIBLE="YES", **profile) as ds:
+        ds.write(np.moveaxis(rgb, -1, 0))
+    return rgb
+
+
+def test_paletted_geotiff_is_expanded_through_its_colour_table(tmp_path):
+    rgb, valid = _paletted(tmp_path / "pal.tif")
+    src = open_source(tmp_path / "pal.tif")
+    got, got_valid = src.read(0, 0, 40, 56)
+    src.close()
+    np.testing.assert_array_equal(got, rgb)
+    np.testing.assert_array_equal(got_valid, valid)
+    ids = _read_ids(_predict(tmp_path / "pal.tif", tmp_path))
+    expect = np.where(valid, (rgb[..., 0] > 127).astype(np.uint8), 255)
+    np.testing.assert_array_equal(ids, expect)
+
+
+@pytest.mark.parametrize("cog", [False, True])
+def test_gcp_only_geotiff_keeps_its_gcps_and_crs(tmp_path, cog):
+    import rasterio
+
+    rgb, gcps = _gcps_only(tmp_path / "gcp.tif")
+    out = _predict(tmp_path / "gcp.tif", tmp_path, cog=cog)
+    with rasterio.open(out) as ds:
+        got, crs = ds.gcps
+        ids = ds.read(1)
+    assert crs.to_epsg() == 32633
+    assert [(g.row, g.col, g.x, g.y) for g in got] == [(g.row, g.col, g.x, g.y) for g in gcps]
+    np.testing.assert_array_equal(ids, (rgb[..., 0] > 127).astype(np.uint8))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_jpeg_with_exif_orientation_is_predicted_as_displayed(tmp_path, orientation):
+    displayed = _exif_rotated(tmp_path / "photo.jpg", orientation)
+    src = open_source(tmp_path / "photo.jpg")
+    assert (src.height, src.width) == displayed.shape[:2]
+    got, _ = src.read(0, 0, src.height, src.width)
+    assert np.abs(got.astype(int) - displayed.astype(int)).max() <= 2  # the same JPEG decode
+    # the prediction is the displayed image's: compare with the same pixels saved plainly
+    cv2.imwrite(str(tmp_path / "plain.png"), np.ascontiguousarray(got[:, :, ::-1]))
+    ids = _read_ids(_predict(tmp_path / "photo.jpg", tmp_path, "photo"))
+    np.testing.assert_array_equal(ids, _read_ids(_predict(tmp_path / "plain.png", tmp_path)))
+
+
+def test_gdal_jpeg2000_is_read_by_gdal(tmp_path):
+    rgb = _jp2(tmp_path / "s2.jp2")
+    src = open_source(tmp_path / "s2.jp2")
+    got, valid = src.read(0, 0, 40, 56)
+    src.close()
+    np.testing.assert_array_equal(got, rgb)
+    assert valid.all()
+    ids = _read_ids(_predict(tmp_path / "s2.jp2", tmp_path))
+    np.testing.assert_array_equal(ids, (rgb[..., 0] > 127).astype(np.uint8))

@@ -129,7 +129,8 @@ def test_written_layer_has_attributes_crs_and_min_area(tmp_path, kind):
 
 # ------------------------------------------------------------------ ground resolution
 class Recorder:
-    """A fake block predictor: probabilities from brightness; records the sizes it sees."""
+    """A fake block probability function: probabilities from brightness; records the sizes it
+    sees."""
 
     def __init__(self):
         self.shapes = []
@@ -137,10 +138,7 @@ class Recorder:
     def __call__(self, rgb, valid):
         self.shapes.append(valid.shape)
         p1 = rgb[..., 0].astype(np.float32) / 255.0
-        probs = np.stack([1 - p1, p1])
-        ids = probs.argmax(0).astype(np.uint8)
-        ids[~valid] = 255
-        return ids, probs
+        return np.stack([1 - p1, p1])
 
 
 def test_gsd_policy_resamples_only_projected_rasters_off_by_more_than_ten_percent(caplog):
@@ -187,7 +185,7 @@ def test_a_015m_raster_is_predicted_at_03m_and_returned_on_its_own_grid(tmp_path
     import rasterio
 
     from segclip_d2.geo.outputs import OutputOptions, predict_to_outputs
-    from segclip_d2.raster.io import open_source
+    from segclip_d2.raster.sources import open_source
 
     rng = np.random.default_rng(0)
     rgb = np.repeat(rng.integers(0, 256, (90, 70, 1), dtype=np.uint8), 3, axis=2)
@@ -211,7 +209,7 @@ def test_a_015m_raster_is_predicted_at_03m_and_returned_on_its_own_grid(tmp_path
 
 # ------------------------------------------------------------------ rasters
 def test_confidence_bands_are_top1_and_margin():
-    from segclip_d2.raster.io import confidence_bands
+    from segclip_d2.raster.writers import confidence_bands
 
     p = np.array([[[0.2]], [[0.5]], [[0.3]]], np.float32)
     np.testing.assert_allclose(confidence_bands(p, (1, 1))[:, 0, 0], [0.5, 0.2], atol=1e-6)
@@ -219,16 +217,13 @@ def test_confidence_bands_are_top1_and_margin():
 
 # ------------------------------------------------------------------ block blending
 class WindowContext:
-    """A block predictor whose output depends on the whole block (its mean brightness), like a
-    network's context: neighbouring blocks disagree in their overlap."""
+    """A block probability function whose output depends on the whole block (its mean
+    brightness), like a network's context: neighbouring blocks disagree in their overlap."""
 
     def __call__(self, rgb, valid):
         m = rgb.mean() / 255.0
         p1 = np.clip(rgb[..., 0].astype(np.float32) / 255.0 * 0.5 + m * 0.5, 0, 1)
-        probs = np.stack([1 - p1, p1])
-        ids = probs.argmax(0).astype(np.uint8)
-        ids[~valid] = 255
-        return ids, probs
+        return np.stack([1 - p1, p1])
 
 
 class ProbSink:
@@ -246,7 +241,7 @@ class ProbSink:
 
 
 def _ramp_source(h=100, w=90):
-    from segclip_d2.raster.io import ArraySource
+    from segclip_d2.raster.sources import ArraySource
 
     # A smooth left-to-right ramp: every block has another mean brightness.
     rgb = np.repeat(np.linspace(0, 255, w)[None, :, None], h, 0).repeat(3, 2).astype(np.uint8)
@@ -279,7 +274,7 @@ def test_block_blending_tapers_the_seams_that_cropping_leaves(blend):
 
 def test_block_blending_keeps_only_a_strip_of_pending_sums():
     from segclip_d2.predict import blocks as pipeline
-    from segclip_d2.raster.io import ArraySource
+    from segclip_d2.raster.sources import ArraySource
 
     src = ArraySource.__new__(ArraySource)
     h = w = 256
@@ -304,3 +299,36 @@ def test_block_blending_keeps_only_a_strip_of_pending_sums():
     cells_per_row = w // 8
     # Pending cells: the two cell rows of the seam below the current block row, plus one block.
     assert max(seen) <= 3 * cells_per_row + (32 + 16) // 8 * ((32 + 16) // 8)
+
+
+@pytest.mark.parametrize("blend", ["crop", "flat", "cosine"])
+def test_blocks_are_read_once_and_sinks_get_the_source_pixels(blend):
+    """Each block window is read once (no second read for blended pixels), the sinks get the
+    source's own pixels, and the class ids are the argmax of the probabilities they get."""
+    from segclip_d2.predict.blocks import block_grid, predict_source
+
+    src = _ramp_source(100, 90)
+    src.rgb = np.random.default_rng(0).integers(0, 256, (100, 90, 3), dtype=np.uint8)
+    reads = []
+    read = src.read
+
+    def counting_read(y, x, h, w):
+        reads.append((y, x, h, w))
+        return read(y, x, h, w)
+
+    src.read = counting_read
+
+    class RgbSink(ProbSink):
+        def __init__(self, h, w):
+            super().__init__(h, w)
+            self.rgb = np.zeros((h, w, 3), np.uint8)
+
+        def add(self, y, x, ids, rgb, probs=None):
+            super().add(y, x, ids, rgb, probs)
+            self.rgb[y : y + ids.shape[0], x : x + ids.shape[1]] = rgb
+
+    sink = RgbSink(100, 90)
+    predict_source(src, WindowContext(), [sink], block_size=32, margin=8, blend=blend)
+    assert len(reads) == len(block_grid(100, 90, 32))
+    np.testing.assert_array_equal(sink.rgb, src.rgb)
+    np.testing.assert_array_equal(sink.ids, sink.p.argmax(0))

@@ -234,21 +234,21 @@ def test_from_config_reads_test_keys():
     assert len(inf.views) == 4 and inf.precision == "bf16"
 
 
-def test_tiny_segclip_eval_is_one_whole_image_pass_and_the_wrapper_runs_the_modes(tmp_path):
+def test_tiny_segclip_eval_is_one_whole_image_pass_and_the_wrapper_runs_the_modes(
+    tmp_path, tiny_config
+):
     """The real (tiny, random) model: its eval forward is one whole-image pass; the model wrapped
     with SegmentorWithInference gives the same result in whole mode, and sliding windows whose
     crop covers the image reproduce it."""
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
-    from test_demo import TINY_CONFIG  # tests/ is on sys.path (rootdir-relative imports)
 
     import segclip_d2.modeling  # noqa: F401
     import segclip_d2.modeling.backbone  # noqa: F401
     import segclip_d2.modeling.meta_arch  # noqa: F401
     from segclip_d2 import add_segclip_config
 
-    cfg_file = tmp_path / "tiny.yaml"
-    cfg_file.write_text(TINY_CONFIG.replace("{head}", "linear"))
+    cfg_file = tiny_config(tmp_path, "linear")
     cfg = get_cfg()
     add_segclip_config(cfg)
     cfg.merge_from_file(str(cfg_file))

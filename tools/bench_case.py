@@ -59,7 +59,7 @@ def case_tiles(args) -> None:
     import numpy as np
     import torch
 
-    from segclip_d2.raster.io import ArraySource
+    from segclip_d2.raster.sources import ArraySource
 
     cfg, model, inferencer = load_model(args.config, args.opts)
     tiles = sorted(REAL_TILES.glob("*.png"))[: args.num_tiles]

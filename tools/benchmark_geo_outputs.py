@@ -40,8 +40,8 @@ def case(args) -> None:
     from segclip_d2.data.dataset_facts import get_facts
     from segclip_d2.geo.outputs import OutputOptions, predict_to_outputs
     from segclip_d2.predict import SegInferencer
-    from segclip_d2.predict.blocks import ClassPredictor
-    from segclip_d2.raster.io import open_source
+    from segclip_d2.predict.blocks import ClassPredictor, block_probs
+    from segclip_d2.raster.sources import open_source
 
     torch.set_num_threads(args.threads)
     facts = get_facts("loveda")
@@ -52,14 +52,14 @@ def case(args) -> None:
         margin=args.block_margin,
         **VARIANTS[args.variant],
     )
-    predictor = ClassPredictor(stand_in, SegInferencer())
+    probs_fn = block_probs(ClassPredictor(stand_in, SegInferencer()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with rasterio.Env(GDAL_CACHEMAX=64):
         src = open_source(args.tif)
         try:
-            names, blocks = predict_to_outputs(src, predictor, out, "scene", opts)
+            names, blocks = predict_to_outputs(src, probs_fn, out, "scene", opts)
         finally:
             src.close()
     sizes = {n: (out / n).stat().st_size for n in names}

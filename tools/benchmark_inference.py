@@ -42,7 +42,7 @@ def mode_ab(args) -> None:
 
     import torch
 
-    from segclip_d2.raster.io import ArraySource
+    from segclip_d2.raster.sources import ArraySource
 
     torch.set_num_threads(args.threads)
     config = args.config or str(R50_CONFIG)

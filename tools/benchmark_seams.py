@@ -184,15 +184,16 @@ def measure_blocks(args, rgb, ref, predict_fn, inf):
         ClassPredictor,
         IdArraySink,
         block_grid,
+        block_probs,
         predict_source,
     )
-    from segclip_d2.raster.io import ArraySource
+    from segclip_d2.raster.sources import ArraySource
 
     size, margin = args.blocks
     src = ArraySource.__new__(ArraySource)
     src.rgb, src.valid = rgb, np.ones(rgb.shape[:2], bool)
     src.height, src.width = rgb.shape[:2]
-    predictor = ClassPredictor(predict_fn, inf)
+    probs_fn = block_probs(ClassPredictor(predict_fn, inf))
     blocks = block_grid(src.height, src.width, size)
     boxes = [(y, x, h, w) for y, x, h, w in blocks]
     band, cols, rows = border_masks(src.height, src.width, boxes, args.band)
@@ -200,7 +201,7 @@ def measure_blocks(args, rgb, ref, predict_fn, inf):
     print(f"{'blend':8s} {'border disagree':>16s} {'elsewhere':>10s} {'edge breaks/1000':>17s}")
     for blend in ("crop", "linear", "cosine"):
         sink = IdArraySink(src.height, src.width)
-        predict_source(src, predictor, [sink], block_size=size, margin=margin, blend=blend)
+        predict_source(src, probs_fn, [sink], block_size=size, margin=margin, blend=blend)
         diff = sink.ids != ref
         print(
             f"{blend:8s} {100 * diff[band].mean():15.2f}% {100 * diff[~band].mean():9.2f}% "

@@ -9,11 +9,16 @@ the model's training GSD and resamples when they differ by more than :data:`AUTO
 from __future__ import annotations
 
 import logging
+import math
 
 logger = logging.getLogger(__name__)
 
 # Relative pixel-size difference above which --gsd auto resamples.
 AUTO_TOLERANCE = 0.10
+# Pixel sizes --gsd accepts (metres): from close-range drone imagery to coarse satellite data.
+GSD_RANGE_M = (0.01, 1000.0)
+# Largest resampling factor either way (a block grows by its square in memory).
+MAX_SCALE = 16.0
 
 
 def model_gsd(cfg) -> float | None:
@@ -37,8 +42,9 @@ def parse_gsd(text: str) -> str | float:
         raise ValueError(
             f"--gsd must be auto, off or a pixel size in metres, got {text!r}"
         ) from None
-    if v <= 0:
-        raise ValueError(f"--gsd must be > 0 metres, got {text!r}")
+    lo, hi = GSD_RANGE_M
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise ValueError(f"--gsd must be a pixel size of {lo:g} to {hi:g} metres, got {text!r}")
     return v
 
 
@@ -97,6 +103,12 @@ class GsdPolicy:
             )
             return None
         scale = px / target
+        if not 1 / MAX_SCALE <= scale <= MAX_SCALE:
+            raise ValueError(
+                f"{getattr(source, 'path', 'input')}: pixel size {px:.3g} m is {scale:.3g} times "
+                f"the GSD {target:.3g} m to predict at (at most {MAX_SCALE:g}x either way); "
+                "use --gsd off or a GSD nearer the raster's"
+            )
         tol = AUTO_TOLERANCE if self.option == "auto" else 0.01
         if abs(scale - 1.0) <= tol:
             return None

@@ -18,16 +18,23 @@ import numpy as np
 
 from ..data.dataset_facts import IGNORE_LABEL
 from ..data.visualize import colorize, overlay
-from ..predict.blocks import IdArraySink, PreviewSink, ResampledPredictor, predict_source
-from ..raster.io import (
+from ..predict.blocks import (
+    IdArraySink,
+    PreviewSink,
+    ProbsFn,
+    ResampledProbs,
+    check_blend,
+    predict_source,
+)
+from ..raster.writers import (
     ConfidenceWriter,
+    Georef,
     GeoTiffWriter,
     ProbabilityWriter,
     confidence_bands,
-    write_png,
+    staged_png,
 )
-from ..utils.atomic import temp_name
-from .vectorize import DRIVERS, write_polygons
+from .vectorize import DRIVERS, STRIP_PIXELS, Polygonizer, PolygonWriter
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +51,17 @@ class OutputOptions:
     simplify: float = 0.0
     block_size: int = 1024
     margin: int = 128
-    block_blend: str = "cosine"  # "cosine" | "linear" | "crop"
+    block_blend: str = "cosine"  # predict.blocks.BLOCK_BLENDS: crop | flat | linear | cosine
     preview_size: int = 2048
     alpha: float = 0.5
     progress: bool = False
+
+    def __post_init__(self):
+        check_blend(self.block_blend)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"--alpha must be in 0..1, got {self.alpha}")
+        if self.min_area < 0 or self.simplify < 0:
+            raise ValueError("--min-area and --simplify must be >= 0")
 
 
 def expected_outputs(stem: str, is_raster: bool, opts: OutputOptions) -> list[str]:
@@ -63,157 +77,161 @@ def expected_outputs(stem: str, is_raster: bool, opts: OutputOptions) -> list[st
     return names
 
 
-class _Top1Sink:
-    """The top-1 probability of every pixel in memory (plain images, for polygon confidence)."""
+# Names the demo writes into its output folder besides the per-input files.
+RUN_FILES = ("legend.png", "run_manifest.json")
+# How every per-input output name ends (so the demo never takes them for inputs).
+OUTPUT_SUFFIXES = (
+    "_pred.png",
+    "_pred.tif",
+    "_probs.tif",
+    "_confidence.tif",
+    "_color.png",
+    "_overlay.png",
+    *(f"_pred{ext}" for _, ext in DRIVERS.values()),
+)
 
-    def __init__(self, height, width):
-        self.top1 = np.zeros((height, width), np.float32)
+
+def is_output_name(name: str) -> bool:
+    """Whether a file name is one the demo writes into its output folder."""
+    return name in RUN_FILES or name.endswith(OUTPUT_SUFFIXES)
+
+
+class PolygonSink:
+    """Class polygons made from the blocks as they come (no file is read back): complete rows
+    are collected and handed to the :class:`~.vectorize.Polygonizer` in strips, top to bottom.
+    Holds at most about one row of blocks of class ids and top-1 probabilities."""
+
+    def __init__(self, height, width, transform, writer: PolygonWriter, strip_rows=None):
+        self.width, self.writer = width, writer
+        self.poly = Polygonizer(height, width, transform, with_conf=True)
+        self.strip = strip_rows or max(1, STRIP_PIXELS // max(1, width))
+        self.top = 0  # raster row of buffer row 0
+        self.ids = np.zeros((0, width), np.uint8)
+        self.conf = np.zeros((0, width), np.float32)
+        self.filled = np.zeros(0, np.int64)  # pixels written per buffered row
+        self.height = height
 
     def add(self, y, x, ids, rgb, probs=None):
         h, w = ids.shape
-        self.top1[y : y + h, x : x + w] = confidence_bands(probs, (h, w))[0]
+        r = y - self.top
+        grow = r + h - len(self.filled)
+        if grow > 0:
+            self.ids = np.concatenate([self.ids, np.zeros((grow, self.width), np.uint8)])
+            self.conf = np.concatenate([self.conf, np.zeros((grow, self.width), np.float32)])
+            self.filled = np.concatenate([self.filled, np.zeros(grow, np.int64)])
+        self.ids[r : r + h, x : x + w] = ids
+        self.conf[r : r + h, x : x + w] = confidence_bands(probs, (h, w))[0]
+        self.filled[r : r + h] += w
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        incomplete = np.nonzero(self.filled < self.width)[0]
+        n = int(incomplete[0]) if incomplete.size else len(self.filled)
+        if n == 0 or (n < self.strip and not (final or self.top + n == self.height)):
+            return
+        self.writer.add(self.poly.feed(self.ids[:n], self.conf[:n]))
+        self.ids, self.conf, self.filled = self.ids[n:], self.conf[n:], self.filled[n:]
+        self.top += n
+
+    def finish(self):
+        """The polygons of every region, written under a temp name (an AtomicFile)."""
+        self._flush(final=True)
+        self.writer.add(self.poly.finish())
+        return self.writer.finish()
+
+
+def _raster_writers(src, out_dir: Path, stem: str, names, opts: OutputOptions) -> list:
+    """The GeoTIFF writers of one input (class map for rasters, probabilities, confidence)."""
+    h, w, georef = src.height, src.width, Georef.of(src)
+    cog = opts.cog and src.is_geotiff
+    writers = []
+    if src.is_geotiff:
+        writers.append(GeoTiffWriter(out_dir / names[0], h, w, georef, opts.colors, cog=cog))
+    if opts.probabilities:
+        path = out_dir / f"{stem}_probs.tif"
+        kind = opts.probabilities
+        writers.append(ProbabilityWriter(path, h, w, georef, opts.class_names, kind, cog=cog))
+    if opts.confidence:
+        kind = "float" if opts.probabilities == "float" else "uint8"
+        path = out_dir / f"{stem}_confidence.tif"
+        writers.append(ConfidenceWriter(path, h, w, georef, kind, cog=cog))
+    return writers
 
 
 def predict_to_outputs(
-    src, predictor, out_dir: Path, stem: str, opts: OutputOptions, scale: float | None = None
+    src, probs_fn: ProbsFn, out_dir: Path, stem: str, opts: OutputOptions, scale=None
 ) -> tuple[list[str], int]:
-    """Predict ``src`` and write every requested output for it; returns (file names, blocks).
+    """Predict ``src`` with ``probs_fn`` (:data:`~segclip_d2.predict.blocks.ProbsFn`) and write
+    every requested output for it, block by block; returns (file names, blocks).
 
     ``scale`` (input pixel size / model GSD) predicts every block resampled by that factor; all
-    outputs stay on the input's grid.
+    outputs stay on the input's grid. The outputs are renamed into place together once all of
+    them are complete: on any failure (unreadable block, disk full) none of them is, and the
+    files of an earlier run stay as they were.
     """
-    import rasterio
-
     if scale is not None:
-        predictor = ResampledPredictor(predictor, scale)
+        probs_fn = ResampledProbs(probs_fn, scale)
     out_dir = Path(out_dir)
-    h, w = src.height, src.width
-    crs, transform = src.crs, src.transform
-    raster = src.is_geotiff
-    cog = opts.cog and raster
-    names = expected_outputs(stem, raster, opts)
-    writers, sinks = [], []
-    ok = False
-    conf_tmp: Path | None = None
+    names = expected_outputs(stem, src.is_geotiff, opts)
+    writers, staged = [], []
     try:
-        if raster:
-            writers.append(
-                GeoTiffWriter(out_dir / names[0], h, w, crs, transform, opts.colors, cog=cog)
-            )
-            preview = PreviewSink(h, w, opts.preview_size)
-            sinks.append(preview)
+        writers = _raster_writers(src, out_dir, stem, names, opts)
+        if src.is_geotiff:
+            image = PreviewSink(src.height, src.width, opts.preview_size)
         else:
-            ids_sink = IdArraySink(h, w)
-            sinks.append(ids_sink)
-        if opts.probabilities:
-            writers.append(
-                ProbabilityWriter(
-                    out_dir / f"{stem}_probs.tif",
-                    h,
-                    w,
-                    crs,
-                    transform,
-                    opts.class_names,
-                    opts.probabilities,
-                    cog=cog,
-                )
-            )
-        conf_writer = None
-        if opts.confidence:
-            conf_kind = "float" if opts.probabilities == "float" else "uint8"
-            conf_writer = ConfidenceWriter(
-                out_dir / f"{stem}_confidence.tif", h, w, crs, transform, conf_kind, cog=cog
-            )
-            writers.append(conf_writer)
-        top1 = None
-        if opts.vector and not opts.confidence:
-            if raster:  # a hidden confidence raster, removed after vectorising
-                conf_tmp = temp_name(out_dir / f"{stem}_vecconf.tif")
-                conf_writer = ConfidenceWriter(conf_tmp, h, w, crs, transform, "uint8")
-                writers.append(conf_writer)
-            else:
-                top1 = _Top1Sink(h, w)
-                sinks.append(top1)
-        n = predict_source(
-            src,
-            predictor,
-            writers + sinks,
-            block_size=opts.block_size,
-            margin=opts.margin,
-            progress=opts.progress,
-            blend=opts.block_blend,
-        )
-        for wr in writers:
-            wr.close(True)
-        writers = []
+            image = IdArraySink(src.height, src.width)
+        sinks = [*writers, image]
+        polygons = None
         if opts.vector:
-            vec_path = out_dir / f"{stem}_pred{DRIVERS[opts.vector][1]}"
-            if raster:
-                conf_path = conf_tmp or out_dir / f"{stem}_confidence.tif"
-                with rasterio.open(out_dir / names[0]) as cls_ds, rasterio.open(conf_path) as cf:
-                    write_polygons(
-                        vec_path,
-                        opts.vector,
-                        h,
-                        w,
-                        crs,
-                        transform,
-                        opts.class_names,
-                        lambda y, n_: _read_rows(cls_ds, 1, y, n_),
-                        lambda y, n_: _read_prob(cf, 1, y, n_),
-                        opts.min_area,
-                        opts.simplify,
-                    )
-            else:
-                if top1 is None:
-                    with rasterio.open(out_dir / f"{stem}_confidence.tif") as cf:
-                        conf = _read_prob(cf, 1, 0, h)
-                else:
-                    conf = top1.top1
-                write_polygons(
-                    vec_path,
-                    opts.vector,
-                    h,
-                    w,
-                    None,
-                    None,
-                    opts.class_names,
-                    lambda y, n_: ids_sink.ids[y : y + n_],
-                    lambda y, n_: conf[y : y + n_],
-                    opts.min_area,
-                    opts.simplify,
-                )
-        if raster:
-            ids, rgb = preview.ids, preview.rgb
-        else:
-            ids, rgb = ids_sink.ids, src.rgb
-            write_png(out_dir / names[0], ids)
-        color = colorize(ids, opts.colors)
-        write_png(out_dir / f"{stem}_color.png", color)
-        write_png(out_dir / f"{stem}_overlay.png", overlay(rgb, color, ids, opts.alpha))
-        ok = True
+            vec = PolygonWriter(
+                out_dir / f"{stem}_pred{DRIVERS[opts.vector][1]}",
+                opts.vector,
+                src.crs,
+                src.transform,
+                opts.class_names,
+                opts.min_area,
+                opts.simplify,
+            )
+            polygons = PolygonSink(src.height, src.width, src.transform, vec)
+            sinks.append(polygons)
+        n = predict_source(
+            src, probs_fn, sinks, opts.block_size, opts.margin, opts.progress, opts.block_blend
+        )
+        while writers:
+            staged.append(writers[0].finish())
+            writers.pop(0)
+        if polygons is not None:
+            staged.append(polygons.finish())
+        staged += _stage_images(src, image, out_dir, stem, names, opts)
+        for f in staged:
+            f.commit()
+        staged = []
     finally:
         for wr in writers:
             wr.close(False)
-        if conf_tmp is not None and conf_tmp.exists():
-            conf_tmp.unlink()
-        if not ok:
-            logger.debug("%s: outputs discarded after a failure", stem)
+        for f in staged:
+            f.abort()
     return names, n
 
 
-def _read_rows(ds, band: int, y: int, n: int) -> np.ndarray:
-    from rasterio.windows import Window
-
-    return ds.read(band, window=Window(0, y, ds.width, n))
-
-
-def _read_prob(ds, band: int, y: int, n: int) -> np.ndarray:
-    """Probabilities of rows ``y .. y + n`` of a probability / confidence raster as float32."""
-    v = _read_rows(ds, band, y, n)
-    if v.dtype == np.uint8:
-        return v.astype(np.float32) / 255.0
-    return np.nan_to_num(v.astype(np.float32), nan=0.0)
+def _stage_images(src, image, out_dir: Path, stem: str, names, opts: OutputOptions) -> list:
+    """The class-id PNG (ordinary images), the colour map and the overlay, under temp names."""
+    staged = []
+    try:
+        if src.is_geotiff:
+            ids, rgb = image.ids, image.rgb  # the preview
+        else:
+            ids, rgb = image.ids, src.rgb
+            staged.append(staged_png(out_dir / names[0], ids))
+        color = colorize(ids, opts.colors)
+        staged.append(staged_png(out_dir / f"{stem}_color.png", color))
+        over = overlay(rgb, color, ids, opts.alpha)
+        staged.append(staged_png(out_dir / f"{stem}_overlay.png", over))
+    except BaseException:
+        for f in staged:
+            f.abort()
+        raise
+    return staged
 
 
 def outputs_complete(out_dir: Path, names: Sequence[str]) -> bool:
@@ -228,86 +246,3 @@ __all__ = [
     "outputs_complete",
     "predict_to_outputs",
 ]
-
-
-def add_output_arguments(parser) -> None:
-    """The demo's output flags (probabilities, confidence, COG, polygons, GSD, resuming)."""
-    import argparse
-
-    parser.add_argument(
-        "--probabilities",
-        nargs="?",
-        const="uint8",
-        default=None,
-        choices=("uint8", "float"),
-        help="write <stem>_probs.tif: K bands of class probability, uint8 0-255 (default) "
-        "or float (float16)",
-    )
-    parser.add_argument(
-        "--confidence",
-        action="store_true",
-        help="write <stem>_confidence.tif: top-1 probability and margin top-1 minus top-2",
-    )
-    parser.add_argument(
-        "--cog",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="GeoTIFF outputs as Cloud-Optimized GeoTIFFs (default; --no-cog: plain tiled)",
-    )
-    parser.add_argument(
-        "--vector",
-        choices=sorted(DRIVERS),
-        default=None,
-        help="write class polygons <stem>_pred.gpkg / .geojson (class_id, class_name, area_m2, "
-        "mean_confidence)",
-    )
-    parser.add_argument(
-        "--min-area", type=float, default=0.0, metavar="M2", help="drop smaller polygons (m²)"
-    )
-    parser.add_argument(
-        "--simplify",
-        type=float,
-        default=0.0,
-        metavar="TOL",
-        help="simplify polygons with this tolerance (CRS units)",
-    )
-    parser.add_argument(
-        "--gsd",
-        default="auto",
-        help="auto (resample to the model's training GSD when the raster's differs by >10%%), "
-        "off, or a pixel size in metres to predict at",
-    )
-    parser.add_argument(
-        "--block-blend",
-        choices=("cosine", "linear", "crop"),
-        default="cosine",
-        help="how neighbouring blocks' overlapping margins are combined: tapered weights "
-        "(cosine, default; linear) or crop (keep each block's centre)",
-    )
-    parser.add_argument(
-        "--skip-existing",
-        action="store_true",
-        help="skip inputs whose outputs are all complete (resume a killed run)",
-    )
-
-
-def output_options(args, class_names, colors) -> OutputOptions:
-    """:class:`OutputOptions` from the parsed demo arguments."""
-    if args.min_area < 0 or args.simplify < 0:
-        raise ValueError("--min-area and --simplify must be >= 0")
-    return OutputOptions(
-        class_names=list(class_names),
-        colors=list(colors),
-        probabilities=args.probabilities,
-        confidence=args.confidence,
-        cog=args.cog,
-        vector=args.vector,
-        min_area=args.min_area,
-        simplify=args.simplify,
-        block_size=args.block_size,
-        margin=args.block_margin,
-        block_blend=args.block_blend,
-        preview_size=args.preview_size,
-        alpha=args.alpha,
-        progress=not args.no_progress,
-    )

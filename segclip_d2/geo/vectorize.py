@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.dataset_facts import IGNORE_LABEL
-from ..utils.atomic import atomic_output
+from ..utils.atomic import AtomicFile
 from .gsd import metres_per_unit
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,91 @@ def _label_classes(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, np.asarray(classes, np.int64)
 
 
+class Polygonizer:
+    """Class regions of a raster fed strip by strip, top to bottom (any strip heights):
+    :meth:`feed` returns the regions that touch no seam at once, :meth:`finish` the ones joined
+    across seams. Each region is ``(shapely polygon, class_id, pixel_count, confidence_sum or
+    None)``."""
+
+    def __init__(self, height: int, width: int, transform, with_conf: bool):
+        from affine import Affine
+
+        self.height, self.width, self.with_conf = height, width, with_conf
+        self.transform = transform if transform is not None else Affine.identity()
+        self.uf = _UnionFind()
+        # Pieces that touch a seam: gid -> (class, [geoms], count, conf_sum)
+        self.open_pieces: dict[int, tuple[int, list, int, float]] = {}
+        self.prev_last: np.ndarray | None = None  # global ids of the previous strip's last row
+        self.prev_ids: np.ndarray | None = None
+        self.offset = 0
+        self.y = 0  # first row of the next strip
+
+    def feed(self, ids: np.ndarray, conf: np.ndarray | None = None) -> list[tuple]:
+        """Regions of the strip ``ids`` (h, width) that are final; ``conf`` (h, width) is the
+        top-1 probability of its pixels."""
+        from affine import Affine
+        from rasterio.features import shapes
+        from shapely.geometry import shape
+
+        y, h = self.y, ids.shape[0]
+        ids = np.asarray(ids, dtype=np.uint8)
+        labels, classes = _label_classes(ids)
+        n = len(classes) - 1
+        counts = np.bincount(labels.ravel(), minlength=n + 1)
+        conf_sums = None
+        if self.with_conf and conf is not None:
+            conf = np.asarray(conf, dtype=np.float64).ravel()
+            conf_sums = np.bincount(labels.ravel(), weights=conf, minlength=n + 1)
+        seam = np.zeros(n + 1, bool)
+        seam[labels[0]] = y > 0
+        seam[labels[-1]] |= y + h < self.height
+        seam[0] = False
+        if self.prev_last is not None:
+            # Same class above and below the seam -> one region.
+            join = (self.prev_ids == ids[0]) & (self.prev_last > 0) & (labels[0] > 0)
+            pairs = zip(self.prev_last[join].tolist(), (labels[0][join] + self.offset).tolist())
+            for a, b in set(pairs):
+                self.uf.union(a, b)
+        done = []
+        strip_tf = self.transform @ Affine.translation(0, y)
+        for geom, value in shapes(labels, mask=labels > 0, connectivity=4, transform=strip_tf):
+            lab = int(value)
+            cs = None if conf_sums is None else float(conf_sums[lab])
+            if seam[lab]:
+                gid = lab + self.offset
+                cls, geoms, cnt, csum = self.open_pieces.get(gid, (int(classes[lab]), [], 0, 0.0))
+                geoms.append(shape(geom))
+                self.open_pieces[gid] = (cls, geoms, cnt + int(counts[lab]), csum + (cs or 0.0))
+            else:
+                done.append((shape(geom), int(classes[lab]), int(counts[lab]), cs))
+        self.prev_last = np.where(labels[-1] > 0, labels[-1] + self.offset, 0)
+        self.prev_ids = ids[-1].copy()
+        self.offset += n
+        self.y += h
+        return done
+
+    def finish(self) -> list[tuple]:
+        """The regions that spanned seams, each merged into one polygon."""
+        import shapely
+
+        if self.y != self.height:
+            raise RuntimeError(f"polygons: {self.y} of {self.height} rows fed (internal error)")
+        groups: dict[int, list[int]] = {}
+        for gid in self.open_pieces:
+            groups.setdefault(self.uf.find(gid), []).append(gid)
+        out = []
+        for members in groups.values():
+            pieces = [self.open_pieces[m] for m in members]
+            geoms = [g for p in pieces for g in p[1]]
+            count = sum(p[2] for p in pieces)
+            csum = sum(p[3] for p in pieces) if self.with_conf else None
+            merged = geoms[0] if len(geoms) == 1 else shapely.union_all(geoms)
+            if merged.geom_type == "MultiPolygon":  # pieces joined through an edge cannot split
+                merged = max(merged.geoms, key=lambda g: g.area)
+            out.append((merged, pieces[0][0], count, csum))
+        return out
+
+
 def polygonize(
     height: int,
     width: int,
@@ -85,68 +170,92 @@ def polygonize(
     strip_rows: int | None = None,
 ):
     """Yield ``(shapely polygon, class_id, pixel_count, confidence_sum or None)`` per 4-connected
-    class region of the raster; regions spanning strips come out as one polygon."""
-    import shapely
-    from affine import Affine
-    from rasterio.features import shapes
-    from shapely.geometry import shape
-
-    transform = transform if transform is not None else Affine.identity()
+    class region of the raster read in strips; regions spanning strips come out as one polygon."""
     rows = strip_rows or max(1, STRIP_PIXELS // max(1, width))
-    uf = _UnionFind()
-    # Pieces that touch a seam: gid -> (class, [geoms], count, conf_sum)
-    open_pieces: dict[int, tuple[int, list, int, float]] = {}
-    prev_last: np.ndarray | None = None  # global ids of the previous strip's last row
-    prev_ids: np.ndarray | None = None
-    offset = 0
+    poly = Polygonizer(height, width, transform, read_conf is not None)
     for y in range(0, height, rows):
         h = min(rows, height - y)
-        ids = np.asarray(read_ids(y, h), dtype=np.uint8)
-        labels, classes = _label_classes(ids)
-        n = len(classes) - 1
-        counts = np.bincount(labels.ravel(), minlength=n + 1)
-        conf_sums = None
-        if read_conf is not None:
-            conf = np.asarray(read_conf(y, h), dtype=np.float64)
-            conf_sums = np.bincount(labels.ravel(), weights=conf.ravel(), minlength=n + 1)
-        seam = np.zeros(n + 1, bool)
-        if y > 0:
-            seam[labels[0]] = True
-        if y + h < height:
-            seam[labels[-1]] = True
-        seam[0] = False
-        if prev_last is not None:
-            # Same class above and below the seam -> one region.
-            join = (prev_ids == ids[0]) & (prev_last > 0) & (labels[0] > 0)
-            for a, b in set(zip(prev_last[join].tolist(), (labels[0][join] + offset).tolist())):
-                uf.union(a, b)
-        strip_tf = transform @ Affine.translation(0, y)
-        for geom, value in shapes(labels, mask=labels > 0, connectivity=4, transform=strip_tf):
-            lab = int(value)
-            poly = shape(geom)
-            cs = None if conf_sums is None else float(conf_sums[lab])
-            if seam[lab]:
-                gid = lab + offset
-                cls, geoms, cnt, csum = open_pieces.get(gid, (int(classes[lab]), [], 0, 0.0))
-                geoms.append(poly)
-                open_pieces[gid] = (cls, geoms, cnt + int(counts[lab]), csum + (cs or 0.0))
-            else:
-                yield poly, int(classes[lab]), int(counts[lab]), cs
-        prev_last = np.where(labels[-1] > 0, labels[-1] + offset, 0)
-        prev_ids = ids[-1].copy()
-        offset += n
-    groups: dict[int, list[int]] = {}
-    for gid in open_pieces:
-        groups.setdefault(uf.find(gid), []).append(gid)
-    for members in groups.values():
-        cls = open_pieces[members[0]][0]
-        geoms = [g for m in members for g in open_pieces[m][1]]
-        count = sum(open_pieces[m][2] for m in members)
-        csum = sum(open_pieces[m][3] for m in members) if read_conf is not None else None
-        merged = geoms[0] if len(geoms) == 1 else shapely.union_all(geoms)
-        if merged.geom_type == "MultiPolygon":  # pieces joined through an edge cannot split
-            merged = max(merged.geoms, key=lambda g: g.area)
-        yield merged, cls, count, csum
+        yield from poly.feed(read_ids(y, h), None if read_conf is None else read_conf(y, h))
+    yield from poly.finish()
+
+
+class PolygonWriter:
+    """Polygons written to ``path`` (``kind`` gpkg or geojson) atomically on :meth:`close`, from
+    regions given by :meth:`add` (see :class:`Polygonizer`). ``min_area`` (m², or pixels without
+    a metric CRS) drops smaller polygons; ``simplify`` (CRS units) simplifies them, keeping them
+    valid."""
+
+    def __init__(self, path, kind, crs, transform, class_names, min_area=0.0, simplify=0.0):
+        if kind not in DRIVERS:
+            raise ValueError(f"--vector must be one of {sorted(DRIVERS)}, got {kind!r}")
+        self.path, self.kind, self.crs = Path(path), kind, crs
+        self.names, self.min_area, self.simplify = list(class_names), min_area, simplify
+        self.px_area = pixel_area_m2(crs, transform)
+        if self.px_area is None:
+            logger.warning(
+                "%s: the raster has no projected CRS in metres; area_m2 is left empty and "
+                "--min-area counts pixels",
+                path,
+            )
+        if crs is None and kind == "geojson":
+            logger.warning(
+                "%s: the input has no CRS; polygons are in pixel coordinates (GeoJSON readers "
+                "assume WGS 84 for a file without CRS; --vector gpkg keeps it undefined)",
+                path,
+            )
+        self.geoms, self.cls_ids, self.areas, self.confs = [], [], [], []
+
+    def add(self, regions) -> None:
+        import shapely
+
+        for poly, cls, count, csum in regions:
+            area = count * self.px_area if self.px_area is not None else None
+            if self.min_area > 0 and (area if area is not None else count) < self.min_area:
+                continue
+            if self.simplify > 0:
+                poly = shapely.simplify(poly, self.simplify, preserve_topology=True)
+            self.geoms.append(poly)
+            self.cls_ids.append(cls)
+            self.areas.append(np.nan if area is None else area)
+            self.confs.append(np.nan if csum is None else csum / count)
+
+    def close(self) -> int:
+        """Write the file (temp name + rename); returns the number of features."""
+        self.finish().commit()
+        return len(self.geoms)
+
+    def finish(self) -> AtomicFile:
+        """Write the file under a temp name; ``.commit()`` the returned :class:`AtomicFile` to
+        rename it into place."""
+        import pyogrio.raw
+        import shapely
+
+        names, cls_ids = self.names, self.cls_ids
+        fields = ["class_id", "class_name", "area_m2", "mean_confidence"]
+        data = [
+            np.asarray(cls_ids, np.int32),
+            np.asarray([names[c] if c < len(names) else str(c) for c in cls_ids], dtype=object),
+            np.asarray(self.areas, np.float64),
+            np.asarray(self.confs, np.float64),
+        ]
+        geoms = np.asarray(self.geoms, dtype=object)
+        out = AtomicFile(self.path)
+        try:
+            out.tmp.unlink()  # pyogrio creates the file itself
+            pyogrio.raw.write(
+                str(out.tmp),
+                shapely.to_wkb(geoms) if len(geoms) else np.asarray([], object),
+                data,
+                fields,
+                layer=self.path.stem,
+                driver=DRIVERS[self.kind][0],
+                geometry_type="Polygon",
+                crs=self.crs.to_wkt() if self.crs is not None else None,
+            )
+        except BaseException:
+            out.abort()
+            raise
+        return out
 
 
 def write_polygons(
@@ -163,60 +272,8 @@ def write_polygons(
     simplify: float = 0.0,
     strip_rows: int | None = None,
 ) -> int:
-    """Polygonise the class raster into ``path`` (``kind`` gpkg or geojson) atomically; returns
-    the number of features. ``min_area`` (m², or pixels without a metric CRS) drops smaller
-    polygons; ``simplify`` (CRS units) simplifies them, keeping them valid."""
-    import pyogrio.raw
-    import shapely
-
-    if kind not in DRIVERS:
-        raise ValueError(f"--vector must be one of {sorted(DRIVERS)}, got {kind!r}")
-    driver, ext = DRIVERS[kind]
-    px_area = pixel_area_m2(crs, transform)
-    if px_area is None:
-        logger.warning(
-            "%s: the raster has no projected CRS in metres; area_m2 is left empty and "
-            "--min-area counts pixels",
-            path,
-        )
-    if crs is None and kind == "geojson":
-        logger.warning(
-            "%s: the input has no CRS; polygons are in pixel coordinates (GeoJSON readers assume "
-            "WGS 84 for a file without CRS; --vector gpkg keeps it undefined)",
-            path,
-        )
-    geoms, cls_ids, areas, confs = [], [], [], []
-    for poly, cls, count, csum in polygonize(
-        height, width, transform, read_ids, read_conf, strip_rows
-    ):
-        area = count * px_area if px_area is not None else None
-        if min_area > 0 and (area if area is not None else count) < min_area:
-            continue
-        if simplify > 0:
-            poly = shapely.simplify(poly, simplify, preserve_topology=True)
-        geoms.append(poly)
-        cls_ids.append(cls)
-        areas.append(np.nan if area is None else area)
-        confs.append(np.nan if csum is None else csum / count)
-    names = list(class_names)
-    fields = ["class_id", "class_name", "area_m2", "mean_confidence"]
-    data = [
-        np.asarray(cls_ids, np.int32),
-        np.asarray([names[c] if c < len(names) else str(c) for c in cls_ids], dtype=object),
-        np.asarray(areas, np.float64),
-        np.asarray(confs, np.float64),
-    ]
-    path = Path(path)
-    with atomic_output(path) as tmp:
-        tmp.unlink()  # pyogrio creates the file itself
-        pyogrio.raw.write(
-            str(tmp),
-            shapely.to_wkb(np.asarray(geoms, dtype=object)) if geoms else np.asarray([], object),
-            data,
-            fields,
-            layer=path.stem,
-            driver=driver,
-            geometry_type="Polygon",
-            crs=crs.to_wkt() if crs is not None else None,
-        )
-    return len(geoms)
+    """Polygonise a class raster read in strips into ``path`` (see :class:`PolygonWriter`);
+    returns the number of features."""
+    writer = PolygonWriter(path, kind, crs, transform, class_names, min_area, simplify)
+    writer.add(polygonize(height, width, transform, read_ids, read_conf, strip_rows))
+    return writer.close()

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..data.dataset_facts import IGNORE_LABEL
 from ..data.visualize import colorize
+from .windows import BLENDS
 
 if TYPE_CHECKING:  # torch is imported only by ClassPredictor (the ONNX path has no torch)
     from .inferencer import PredictFn, SegInferencer
@@ -34,11 +35,38 @@ def block_grid(height: int, width: int, block: int) -> list[tuple[int, int, int,
     ]
 
 
+# The pipeline's view of a back-end: RGB (h, w, 3) uint8 + validity (h, w) bool -> class
+# probabilities (K, h, w) float32 summing to 1 over K, or None for a block with no valid pixel.
+ProbsFn = Callable[[np.ndarray, np.ndarray], "np.ndarray | None"]
+
+
+def class_ids(probs: np.ndarray | None, valid: np.ndarray) -> np.ndarray:
+    """Class ids (h, w) uint8 of ``probs`` (K, h, w): the argmax, ``IGNORE_LABEL`` where not
+    ``valid`` (or everywhere when ``probs`` is None). The one argmax of every pixel."""
+    ids = np.full(valid.shape, IGNORE_LABEL, dtype=np.uint8)
+    if probs is not None:
+        pred = probs.argmax(axis=0).astype(np.uint8)
+        ids[valid] = pred[valid]
+    return ids
+
+
+def block_probs(backend) -> ProbsFn:
+    """The :data:`ProbsFn` of a back-end with ``predict_probs(rgb) -> (K, h, w)`` (the PyTorch
+    :class:`ClassPredictor` and the ONNX ``OnnxSegmenter`` alike)."""
+
+    def run(rgb: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
+        if not valid.any():
+            return None  # an all-no-data block needs no model
+        return backend.predict_probs(rgb)
+
+    return run
+
+
 class ClassPredictor:
-    """RGB uint8 (h, w, 3) + validity (h, w) -> class ids (h, w) uint8 (``IGNORE_LABEL`` where
-    invalid) and class probabilities (K, h, w) float32 (``None`` for a block with no valid pixel)
-    through ``inferencer(predict_fn, image)``. The model's class scores are normalised to sum to
-    1 over the K classes at every pixel (the argmax is unchanged)."""
+    """The PyTorch back-end: RGB uint8 (h, w, 3) -> class probabilities (K, h, w) float32 through
+    ``inferencer(predict_fn, image)``; the model's class scores are normalised to sum to 1 over
+    the K classes at every pixel (the argmax is unchanged). Called as ``predictor(rgb, valid) ->
+    (ids, probs)`` like ``deploy.onnx_predictor.OnnxSegmenter``."""
 
     def __init__(self, predict_fn: PredictFn, inferencer: SegInferencer, device="cpu"):
         import torch
@@ -47,34 +75,32 @@ class ClassPredictor:
         self.inferencer = inferencer
         self.device = torch.device(device)
 
-    def __call__(self, rgb: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        ids = np.full(rgb.shape[:2], IGNORE_LABEL, dtype=np.uint8)
-        if not valid.any():
-            return ids, None  # an all-no-data block needs no model
+    def predict_probs(self, rgb: np.ndarray) -> np.ndarray:
         import torch
 
         image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, h, w)
         probs = self.inferencer(self.predict_fn, image.to(self.device).float())  # (K, h, w)
-        pred = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
-        ids[valid] = pred[valid]
         # Class scores (sum over queries of p(class) * mask) -> a distribution over the K classes.
         probs = probs / probs.sum(dim=0, keepdim=True).clamp_min(1e-12)
-        return ids, probs.cpu().numpy()
-
-
-class ResampledPredictor:
-    """Predicts at another ground resolution: each block is resized by ``scale`` (= input pixel
-    size / model pixel size; < 1 shrinks) before ``predictor``, and its probabilities are resized
-    back bilinearly onto the block's own pixels; the class ids are the argmax of those, so the
-    class map and the probabilities agree. Validity is resized nearest-neighbour."""
-
-    def __init__(self, predictor, scale: float):
-        if scale <= 0:
-            raise ValueError(f"resampling scale must be > 0, got {scale}")
-        self.predictor = predictor
-        self.scale = float(scale)
+        return probs.float().cpu().numpy()
 
     def __call__(self, rgb: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        probs = block_probs(self)(rgb, valid)
+        return class_ids(probs, valid), probs
+
+
+class ResampledProbs:
+    """Predicts at another ground resolution: each block is resized by ``scale`` (= input pixel
+    size / model pixel size; < 1 shrinks) before ``probs_fn``, and its probabilities are resized
+    back bilinearly onto the block's own pixels. Validity is resized nearest-neighbour."""
+
+    def __init__(self, probs_fn: ProbsFn, scale: float):
+        if scale <= 0:
+            raise ValueError(f"resampling scale must be > 0, got {scale}")
+        self.probs_fn = probs_fn
+        self.scale = float(scale)
+
+    def __call__(self, rgb: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
         import cv2
 
         h, w = valid.shape
@@ -82,17 +108,13 @@ class ResampledPredictor:
         interp = cv2.INTER_AREA if self.scale < 1 else cv2.INTER_LINEAR
         small = cv2.resize(np.ascontiguousarray(rgb), (sw, sh), interpolation=interp)
         small_valid = cv2.resize(valid.astype(np.uint8), (sw, sh), interpolation=cv2.INTER_NEAREST)
-        _, probs = self.predictor(small, small_valid > 0)
-        ids = np.full((h, w), IGNORE_LABEL, dtype=np.uint8)
+        probs = self.probs_fn(small, small_valid > 0)
         if probs is None:
-            return ids, None
+            return None
         # cv2 resizes (h, w, C) arrays channel-wise; keep the channel count <= 512.
-        back = np.stack(
+        return np.stack(
             [cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR) for p in probs]
         )  # (K, h, w)
-        pred = back.argmax(axis=0).astype(np.uint8)
-        ids[valid] = pred[valid]
-        return ids, back
 
 
 class IdArraySink:
@@ -132,12 +154,22 @@ class PreviewSink:
         return colorize(self.ids, colors)
 
 
-BLOCK_BLENDS = ("cosine", "linear", "crop")
+# How the overlapping margins of neighbouring blocks are combined: "crop" keeps each block's
+# centre; the others are the taper shapes of sliding windows (TEST.SLIDE.BLEND), the same names
+# with the same meaning (predict/windows.py).
+BLOCK_BLENDS = ("crop", *BLENDS)
+
+
+def check_blend(blend: str) -> str:
+    """``blend`` if it is one of :data:`BLOCK_BLENDS`, else a ValueError naming them."""
+    if blend not in BLOCK_BLENDS:
+        raise ValueError(f"block blend must be one of {', '.join(BLOCK_BLENDS)}, got {blend!r}")
+    return blend
 
 
 def predict_source(
     source,
-    predictor: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray | None]],
+    probs_fn: ProbsFn,
     sinks: Sequence,
     block_size: int = 1024,
     margin: int = 128,
@@ -147,21 +179,21 @@ def predict_source(
     """Predict ``source`` block by block and feed the result to ``sinks``:
     ``sink.add(y, x, ids (h, w), rgb (h, w, 3), probs (K, h, w) or None)``.
 
-    Every block is predicted with ``margin`` pixels of context on each side. ``blend="crop"``
-    keeps only each block's centre; ``"cosine"`` / ``"linear"`` blend the overlapping
-    ``2 * margin`` bands of neighbouring blocks with weights tapering towards each window's edge
-    (:func:`~segclip_d2.predict.windows.taper_1d`), so no hard seam is left between blocks.
-    Blended pixels are handed to the sinks as soon as every block covering them is done; pending
-    sums cover about ``2 * margin`` rows of the raster's width, so memory does not grow with the
-    raster's height and only by that strip with its width.
+    Every block is predicted with ``margin`` pixels of context on each side and read once.
+    ``blend="crop"`` keeps only each block's centre; the tapers (``flat``, ``linear``,
+    ``cosine``) blend the overlapping ``2 * margin`` bands of neighbouring blocks with weights
+    tapering towards each window's edge (:func:`~segclip_d2.predict.windows.taper_1d`), so no
+    hard seam is left between blocks. Blended pixels are handed to the sinks as soon as every
+    block covering them is done; pending sums cover about ``2 * margin`` rows of the raster's
+    width, so memory does not grow with the raster's height. The class ids are the argmax of the
+    final probabilities, computed once per pixel.
 
     Returns the number of blocks run.
     """
     height, width = source.height, source.width
     if block_size <= 0 or margin < 0:
         raise ValueError(f"block size must be > 0 and margin >= 0, got {block_size}, {margin}")
-    if blend not in BLOCK_BLENDS:
-        raise ValueError(f"block blend must be one of {BLOCK_BLENDS}, got {blend!r}")
+    check_blend(blend)
     blocks = block_grid(height, width, block_size)
     if len(blocks) == 1:
         margin = 0
@@ -172,20 +204,21 @@ def predict_source(
         it = tqdm(blocks, desc=f"{getattr(source, 'path', 'image')}", unit="block", leave=False)
     acc = None
     if blend != "crop" and margin > 0:
-        acc = _BlendAccumulator(source, blocks, block_size, margin, blend, sinks)
+        acc = _BlendAccumulator(height, width, blocks, block_size, margin, blend, sinks)
     for y, x, h, w in it:
         y0, x0 = max(0, y - margin), max(0, x - margin)
         y1, x1 = min(height, y + h + margin), min(width, x + w + margin)
         rgb, valid = source.read(y0, x0, y1 - y0, x1 - x0)
-        ids, probs = predictor(rgb, valid)  # (y1 - y0, x1 - x0), (K, ...) or None
+        probs = probs_fn(rgb, valid)  # (K, y1 - y0, x1 - x0) or None
         if acc is not None:
-            acc.add(y0, x0, y1, x1, probs)
+            acc.add(y0, x0, rgb, valid, probs)
             continue
-        cy, cx = y - y0, x - x0
-        centre = (slice(cy, cy + h), slice(cx, cx + w))
+        centre = (slice(y - y0, y - y0 + h), slice(x - x0, x - x0 + w))
         probs_c = None if probs is None else probs[(slice(None), *centre)]
+        rgb_c, valid_c = rgb[centre], valid[centre]
+        ids = class_ids(probs_c, valid_c)
         for sink in sinks:
-            sink.add(y, x, ids[centre], rgb[centre], probs_c)
+            sink.add(y, x, ids, rgb_c, probs_c)
     if acc is not None:
         acc.finish()
     return len(blocks)
@@ -193,53 +226,50 @@ def predict_source(
 
 class _BlendAccumulator:
     """Weighted sums of block probabilities on a grid of ``cell``-sized squares (cell = gcd of
-    block size and margin, so every block window is a union of cells). A cell is emitted, and its
-    sums dropped, once every block window covering it has been added."""
+    block size and margin, so every block window is a union of cells), with each cell's pixels
+    as first read. A cell is emitted, and dropped, once every block window covering it is in."""
 
-    def __init__(self, source, blocks, block_size, margin, blend, sinks):
+    def __init__(self, height, width, blocks, block_size, margin, blend, sinks):
         import math
 
-        self.source, self.sinks, self.blend, self.margin = source, sinks, blend, margin
-        self.height, self.width = source.height, source.width
+        self.sinks, self.blend, self.margin = sinks, blend, margin
+        self.height, self.width = height, width
         self.cell = math.gcd(block_size, margin)
         ny, nx = -(-self.height // self.cell), -(-self.width // self.cell)
         # Number of block windows covering each cell; counts down as windows arrive.
         self.todo = np.zeros((ny, nx), np.int32)
         for y, x, h, w in blocks:
-            self.todo[self._cells(y, x, h, w)] += 1
-        self.sums: dict[tuple[int, int], list] = {}  # cell -> [sum (K, ch, cw) | None, wsum]
+            y0, x0 = max(0, y - margin), max(0, x - margin)
+            y1, x1 = min(height, y + h + margin), min(width, x + w + margin)
+            self.todo[
+                y0 // self.cell : -(-y1 // self.cell), x0 // self.cell : -(-x1 // self.cell)
+            ] += 1
+        # cell -> [weighted sum (K, ch, cw) | None, weight sum (ch, cw), rgb, valid]
+        self.sums: dict[tuple[int, int], list] = {}
 
-    def _cells(self, y, x, h, w) -> tuple[slice, slice]:
-        c = self.cell
-        y0, x0 = max(0, y - self.margin), max(0, x - self.margin)
-        y1 = min(self.height, y + h + self.margin)
-        x1 = min(self.width, x + w + self.margin)
-        return slice(y0 // c, -(-y1 // c)), slice(x0 // c, -(-x1 // c))
-
-    def add(self, y0, x0, y1, x1, probs) -> None:
+    def add(self, y0, x0, rgb, valid, probs) -> None:
         from .windows import window_weight
 
         c = self.cell
-        ramp = (2 * self.margin, 2 * self.margin)
+        y1, x1 = y0 + valid.shape[0], x0 + valid.shape[1]
         wt = None
         if probs is not None:
-            wt = window_weight(
-                (y0, x0, y1 - y0, x1 - x0), self.height, self.width, ramp, self.blend
-            )  # (h, w)
+            ramp = (2 * self.margin, 2 * self.margin)
+            box = (y0, x0, y1 - y0, x1 - x0)
+            wt = window_weight(box, self.height, self.width, ramp, self.blend)  # (h, w)
         done = []
         for cy in range(y0 // c, -(-y1 // c)):
             for cx in range(x0 // c, -(-x1 // c)):
-                py, px = cy * c, cx * c
-                ch, cw = min(c, self.height - py), min(c, self.width - px)
+                ly, lx = cy * c - y0, cx * c - x0
+                cell = (slice(ly, ly + min(c, y1 - cy * c)), slice(lx, lx + min(c, x1 - cx * c)))
                 entry = self.sums.get((cy, cx))
                 if entry is None:
-                    entry = self.sums[(cy, cx)] = [None, np.zeros((ch, cw), np.float32)]
+                    wzero = np.zeros(valid[cell].shape, np.float32)
+                    entry = self.sums[(cy, cx)] = [None, wzero, rgb[cell], valid[cell]]
                 if probs is not None:
-                    ly, lx = py - y0, px - x0
-                    wc = wt[ly : ly + ch, lx : lx + cw]
-                    pc = probs[:, ly : ly + ch, lx : lx + cw] * wc
+                    pc = probs[(slice(None), *cell)] * wt[cell]
                     entry[0] = pc if entry[0] is None else entry[0] + pc
-                    entry[1] += wc
+                    entry[1] += wt[cell]
                 self.todo[cy, cx] -= 1
                 if self.todo[cy, cx] == 0:
                     done.append((cy, cx))
@@ -263,27 +293,24 @@ class _BlendAccumulator:
                     run = [cx]
 
     def _emit_run(self, cy, cxs) -> None:
-        c = self.cell
-        y, x = cy * c, cxs[0] * c
-        h = min(c, self.height - y)
         parts = [self.sums.pop((cy, cx)) for cx in cxs]
-        w = sum(p[1].shape[1] for p in parts)
-        rgb, valid = self.source.read(y, x, h, w)
-        ids = np.full((h, w), IGNORE_LABEL, dtype=np.uint8)
+        rgb = np.concatenate([p[2] for p in parts], axis=1)
+        valid = np.concatenate([p[3] for p in parts], axis=1)
         probs = None
         if any(p[0] is not None for p in parts):
             k = next(p[0].shape[0] for p in parts if p[0] is not None)
-            probs = np.zeros((k, h, w), np.float32)
-            col = 0
-            for total, wsum in parts:
-                cw = wsum.shape[1]
-                if total is not None:
-                    probs[:, :, col : col + cw] = total / np.maximum(wsum, 1e-12)
-                col += cw
-            pred = probs.argmax(axis=0).astype(np.uint8)
-            ids[valid] = pred[valid]
+            probs = np.concatenate(
+                [
+                    np.zeros((k, *wsum.shape), np.float32)
+                    if total is None
+                    else total / np.maximum(wsum, 1e-12)
+                    for total, wsum, _, _ in parts
+                ],
+                axis=2,
+            )
+        ids = class_ids(probs, valid)
         for sink in self.sinks:
-            sink.add(y, x, ids, rgb, probs)
+            sink.add(cy * self.cell, cxs[0] * self.cell, ids, rgb, probs)
 
     def finish(self) -> None:
         if self.sums or (self.todo != 0).any():

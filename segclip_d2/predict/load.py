@@ -227,6 +227,10 @@ class Predictor:
         self.colors = self._colors_for(names, self.class_names, self.colors)
         self.class_names = names
 
+    def predict_probs(self, rgb: np.ndarray) -> np.ndarray:
+        """(K, h, w) float32 class probabilities of an (h, w, 3) image."""
+        return self._predict.predict_probs(rgb)
+
     def __call__(self, rgb: np.ndarray, valid: np.ndarray | None = None):
         if valid is None:
             valid = np.ones(rgb.shape[:2], dtype=bool)

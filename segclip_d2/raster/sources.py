@@ -1,16 +1,20 @@
-"""Reading images and rasters for inference, and writing predictions atomically.
+"""Reading images and rasters for inference (writing is :mod:`.writers`).
 
 Two sources share one interface (``height``, ``width``, ``read(y, x, h, w)``):
 
-- :class:`ArraySource` for ordinary image files (PNG, JPEG, BMP, ...), decoded at once with OpenCV;
-- :class:`GeoTiffSource` for ``.tif``/``.tiff`` rasters, read window by window with rasterio so
-  memory does not grow with the raster.
+- :class:`ArraySource` for ordinary image files (PNG, JPEG, BMP, WebP), decoded at once with
+  OpenCV and shown as a viewer shows them (the EXIF orientation is applied);
+- :class:`GeoTiffSource` for rasters GDAL reads (``.tif``/``.tiff``, ``.vrt``, JPEG 2000 such
+  as Sentinel-2 tiles, remote paths), read window by window with rasterio so memory does not
+  grow with the raster. Georeferencing is kept: CRS and transform, or GCPs (and RPCs) for a
+  raster referenced only by those.
 
 Band handling (both sources):
 
 - band meaning comes from the colour interpretation (GeoTIFF tags; for PNG/JPEG/WebP the format's
   channel layout): bands tagged red/green/blue are used as RGB; alpha is taken only from a band
   tagged alpha (0 = no-data), or from the raster's mask/nodata;
+- a paletted band is expanded through its colour table (a colour with alpha 0 is no-data);
 - 3 untagged bands -> used as RGB in order; 1 band (grayscale) -> replicated to 3 channels with
   a warning (the model was trained on RGB);
 - more than 3 bands without RGB tags (e.g. NIR,R,G,B) -> an error asking for ``--bands R,G,B``
@@ -18,8 +22,8 @@ Band handling (both sources):
 - a file whose decoder reports truncation or an error is an :class:`InputError`: JPEG, WebP, BMP
   are decoded once more by PIL, which fails on truncation where OpenCV alone fills a truncated
   JPEG with grey (9 ms for a 1024x1024 JPEG at 1/8 scale, vs 25 ms for OpenCV's decode); PNG
-  errors already fail OpenCV's libpng decode; TIFFs fail in GDAL, whose own error text is in
-  the message.
+  errors already fail OpenCV's libpng decode; rasters fail in GDAL, whose own error text is in
+  the message (JPEG 2000 goes to GDAL only: a second decoder must not reject what GDAL reads).
 - 8-bit data is used as is. Any other data type (16-bit, 32-bit, float) is stretched per band
   from its 2nd..98th percentile to 0..255; the percentiles are computed once per raster (from a
   decimated read for GeoTIFFs, excluding no-data) so every window uses the same stretch.
@@ -36,9 +40,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-# atomic_output / remove_stale_temps: the one temp-name + rename helper for every writer.
-from segclip_d2.utils.atomic import AtomicFile, atomic_output, remove_stale_temps  # noqa: F401
-
 logger = logging.getLogger(__name__)
 
 GEOTIFF_EXTS = (".tif", ".tiff")
@@ -53,7 +54,7 @@ class InputError(ValueError):
 
 
 # Read through rasterio (window by window) besides GeoTIFFs: GDAL virtual mosaics.
-RASTER_EXTS = GEOTIFF_EXTS + (".vrt",)
+RASTER_EXTS = GEOTIFF_EXTS + (".vrt", ".jp2", ".j2k")
 
 
 def is_remote(path: str | Path) -> bool:
@@ -191,6 +192,39 @@ def gdal_reason(err: BaseException) -> str:
     return texts[-1] if texts else type(err).__name__
 
 
+# EXIF orientation tag (0x0112) -> how the stored (h, w, c) pixels become the displayed image.
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def exif_orientation(path: str) -> int:
+    """The EXIF orientation of an image file (1 = as stored; also when it has no EXIF)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return int(im.getexif().get(0x0112, 1) or 1)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return 1
+
+
+def apply_orientation(raw: np.ndarray, orientation: int, path: str = "") -> np.ndarray:
+    """``raw`` (h, w, c) turned as a viewer shows an image with this EXIF orientation."""
+    if orientation == 1:
+        return raw
+    if orientation not in _ORIENT:
+        raise InputError(f"{path}: unknown EXIF orientation {orientation} (valid: 1..8)")
+    logger.info("%s: EXIF orientation %d applied (predicted as displayed)", path, orientation)
+    return np.ascontiguousarray(_ORIENT[orientation](raw))
+
+
 class ArraySource:
     """An ordinary image file decoded into memory."""
 
@@ -210,6 +244,7 @@ class ArraySource:
             verify_decodes(self.path)
         if raw.ndim == 2:
             raw = raw[:, :, None]
+        raw = apply_orientation(raw, exif_orientation(self.path), self.path)
         count = raw.shape[2]
         # OpenCV decodes colour as BGR(A); make band 1 red like every other reader.
         if count in (3, 4):
@@ -251,7 +286,6 @@ class GeoTiffSource:
 
     def __init__(self, path: str | Path, bands: Sequence[int] | None = None):
         import rasterio
-        from rasterio.enums import MaskFlags
 
         self.path = str(path)
         if not is_remote(self.path) and not os.path.isfile(self.path):
@@ -264,34 +298,48 @@ class GeoTiffSource:
             ) from None
         ds = self._ds
         try:
-            interp = [c.name for c in ds.colorinterp]
-            self.bands, self.alpha_band = _choose_bands(self.path, ds.count, bands, interp)
-            self.height, self.width = ds.height, ds.width
-            self.crs, self.transform, self.nodata = ds.crs, ds.transform, ds.nodata
-            dtypes = {ds.dtypes[b - 1] for b in self.bands}
-            if any(np.dtype(d).kind == "c" for d in dtypes):
-                raise InputError(f"{self.path}: complex-valued rasters are not supported")
-            # No-data from the used bands' masks (nodata value or internal mask). Masks GDAL
-            # derives from an alpha band are left out: alpha is read explicitly, and only when
-            # the band tagged alpha is not used as a colour (--bands).
-            flags = [ds.mask_flag_enums[b - 1] for b in sorted(set(self.bands))]
-            self._masked = all(
-                MaskFlags.all_valid not in f and MaskFlags.alpha not in f for f in flags
-            )
-            self._limits: dict[int, tuple[float, float]] = {}
-            for b in sorted(set(self.bands)):
-                if np.dtype(ds.dtypes[b - 1]) != np.uint8:
-                    self._limits[b] = self._percentiles(b)
-                    logger.info(
-                        "%s: band %d (%s) stretched %g..%g -> 0..255",
-                        self.path,
-                        b,
-                        ds.dtypes[b - 1],
-                        *self._limits[b],
-                    )
+            self._setup(bands)
         except Exception:
             ds.close()
             raise
+
+    def _setup(self, bands: Sequence[int] | None) -> None:
+        from rasterio.enums import MaskFlags
+
+        ds = self._ds
+        interp = [c.name for c in ds.colorinterp]
+        self.palette = _palette_lut(ds) if interp == ["palette"] and not bands else None
+        if self.palette is not None:
+            self.bands, self.alpha_band = (1, 1, 1), None
+            logger.info("%s: paletted band expanded through its colour table", self.path)
+        else:
+            self.bands, self.alpha_band = _choose_bands(self.path, ds.count, bands, interp)
+        self.height, self.width = ds.height, ds.width
+        self.crs, self.transform, self.nodata = ds.crs, ds.transform, ds.nodata
+        # A raster referenced by ground control points only has the identity transform.
+        self.gcps, self.gcps_crs = ds.gcps if ds.gcps and ds.gcps[0] else (None, None)
+        if self.gcps:
+            self.crs, self.transform = None, None
+        self.rpcs = ds.rpcs
+        dtypes = {ds.dtypes[b - 1] for b in self.bands}
+        if any(np.dtype(d).kind == "c" for d in dtypes):
+            raise InputError(f"{self.path}: complex-valued rasters are not supported")
+        # No-data from the used bands' masks (nodata value or internal mask). Masks GDAL
+        # derives from an alpha band are left out: alpha is read explicitly, and only when
+        # the band tagged alpha is not used as a colour (--bands).
+        flags = [ds.mask_flag_enums[b - 1] for b in sorted(set(self.bands))]
+        self._masked = all(MaskFlags.all_valid not in f and MaskFlags.alpha not in f for f in flags)
+        self._limits: dict[int, tuple[float, float]] = {}
+        for b in sorted(set(self.bands)):
+            if np.dtype(ds.dtypes[b - 1]) != np.uint8 and self.palette is None:
+                self._limits[b] = self._percentiles(b)
+                logger.info(
+                    "%s: band %d (%s) stretched %g..%g -> 0..255",
+                    self.path,
+                    b,
+                    ds.dtypes[b - 1],
+                    *self._limits[b],
+                )
 
     def _percentiles(self, band: int) -> tuple[float, float]:
         """Stretch limits of one band from a decimated read (bounded memory)."""
@@ -332,6 +380,12 @@ class GeoTiffSource:
         h, w = int(win.height), int(win.width)
         uniq = sorted(set(self.bands))
         data = ds.read(uniq, window=win)  # (n, h, w)
+        if self.palette is not None:
+            colours = self.palette[data[0]]  # (h, w, 4)
+            valid = colours[..., 3] > 0
+            if self.nodata is not None:
+                valid &= data[0] != self.nodata
+            return np.ascontiguousarray(colours[..., :3]), valid
         chans = []
         for b in self.bands:
             band = data[uniq.index(b)]
@@ -354,258 +408,19 @@ class GeoTiffSource:
         self._ds.close()
 
 
+def _palette_lut(ds) -> np.ndarray | None:
+    """(N, 4) uint8 RGBA of every index of band 1's colour table (missing entries transparent)."""
+    try:
+        cmap = ds.colormap(1)
+    except ValueError:  # tagged palette without a table: read as grey
+        return None
+    size = 1 << (8 * np.dtype(ds.dtypes[0]).itemsize)
+    lut = np.zeros((max(size, max(cmap) + 1), 4), np.uint8)
+    for i, c in cmap.items():
+        lut[i] = c
+    return lut
+
+
 def open_source(path: str | Path, bands: Sequence[int] | None = None):
     """An :class:`ArraySource` or :class:`GeoTiffSource` for ``path``."""
     return GeoTiffSource(path, bands) if is_raster_path(path) else ArraySource(path, bands)
-
-
-# ---------------------------------------------------------------------- atomic writers
-def write_png(path: str | Path, array: np.ndarray) -> None:
-    """Write an (H, W) or (H, W, 3) RGB uint8 array as PNG via a temp file + rename."""
-    path = Path(path)
-    with atomic_output(path) as tmp:
-        arr = array if array.ndim == 2 else array[:, :, ::-1]  # RGB -> BGR for OpenCV
-        if not cv2.imwrite(str(tmp), np.ascontiguousarray(arr)):
-            raise OSError(f"{path}: could not be written")
-
-
-class RasterWriter:
-    """A multi-band (Geo)TIFF written window by window to a hidden temp file, renamed into place
-    by :meth:`close` only when everything was written, so an interrupted run leaves no file that
-    looks finished.
-
-    With ``cog=True`` the finished temp raster is converted to a Cloud-Optimized GeoTIFF (GDAL's
-    COG driver: tiled, deflate-compressed, internal overviews resampled with
-    ``overview_resampling``) before the rename; the conversion reads the temp raster block by
-    block, so memory stays flat. ``nbits=16`` stores float32 bands as half floats (float16).
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        height: int,
-        width: int,
-        crs,
-        transform,
-        count: int = 1,
-        dtype: str = "uint8",
-        nodata=None,
-        descriptions: Sequence[str] | None = None,
-        colormap: dict | None = None,
-        cog: bool = False,
-        overview_resampling: str = "nearest",
-        nbits: int | None = None,
-        block: int = 256,
-    ):
-        self.path = Path(path)
-        self.cog = cog
-        self.overview_resampling = overview_resampling
-        self.nbits = nbits
-        self.block = block
-        self._out = AtomicFile(self.path)
-        self._tmp = self._out.tmp
-        try:
-            self._open(height, width, crs, transform, count, dtype, nodata, descriptions, colormap)
-        except BaseException:  # also SIGTERM's SystemExit: no temp file left behind
-            if getattr(self, "_ds", None) is not None:
-                self._ds.close()
-            self._out.abort()
-            raise
-
-    def _open(self, height, width, crs, transform, count, dtype, nodata, descriptions, colormap):
-        import rasterio
-
-        block = self.block
-        profile = dict(
-            driver="GTiff",
-            height=height,
-            width=width,
-            count=count,
-            dtype=dtype,
-            compress="deflate",
-            interleave="pixel" if count > 1 else "band",
-        )
-        if nodata is not None:
-            profile["nodata"] = nodata
-        if self.nbits is not None:
-            profile["nbits"] = self.nbits
-        if height >= block and width >= block:
-            profile.update(tiled=True, blockxsize=block, blockysize=block)
-        if crs is not None:
-            profile["crs"] = crs
-        if transform is not None:
-            profile["transform"] = transform
-        self._ds = rasterio.open(self._tmp, "w", **profile)
-        if descriptions:
-            for i, d in enumerate(descriptions, start=1):
-                self._ds.set_band_description(i, str(d))
-        if colormap:
-            self._ds.write_colormap(1, colormap)
-
-    def write_bands(self, y: int, x: int, data: np.ndarray) -> None:
-        """Write ``data`` (count, h, w) at row ``y``, column ``x``."""
-        from rasterio.windows import Window
-
-        _, h, w = data.shape
-        self._ds.write(data, window=Window(x, y, w, h))
-
-    def close(self, ok: bool = True) -> None:
-        """Finish (``ok``: after the COG conversion, rename into place) or discard; the final
-        name only ever holds a whole file."""
-        try:
-            self._ds.close()
-            if ok and self.cog:
-                stage = self._tmp.with_name(self._tmp.name + ".stage.tif")
-                os.replace(self._tmp, stage)  # the GTiff; the COG is written under the temp name
-                try:
-                    to_cog(stage, self._tmp, self.overview_resampling, self.nbits, self.block)
-                finally:
-                    stage.unlink(missing_ok=True)
-        except BaseException:
-            self._out.abort()
-            raise
-        if ok:
-            self._out.commit()
-        else:
-            self._out.abort()
-
-
-def to_cog(
-    src: str | Path,
-    dst: str | Path,
-    overview_resampling: str = "nearest",
-    nbits: int | None = None,
-    block: int = 256,
-) -> None:
-    """Copy raster ``src`` to a Cloud-Optimized GeoTIFF ``dst`` (GDAL COG driver)."""
-    import rasterio.shutil
-
-    opts = dict(
-        driver="COG",
-        compress="deflate",
-        blocksize=block,
-        overview_resampling=overview_resampling,
-        num_threads=1,
-    )
-    if nbits is not None:
-        opts["nbits"] = nbits
-    rasterio.shutil.copy(str(src), str(dst), **opts)
-
-
-class GeoTiffWriter(RasterWriter):
-    """The single-band uint8 class-id raster: CRS and transform of the source, ``nodata_value``
-    as nodata and a colour table (``colors[i]`` for class ``i``; nodata black and transparent);
-    COG overviews are nearest-neighbour so they hold real class ids."""
-
-    def __init__(
-        self,
-        path: str | Path,
-        height: int,
-        width: int,
-        crs,
-        transform,
-        colors: Sequence[Sequence[int]],
-        nodata_value: int = 255,
-        block: int = 256,
-        cog: bool = False,
-    ):
-        cmap = {i: (*map(int, c), 255) for i, c in enumerate(colors)}
-        cmap[nodata_value] = (0, 0, 0, 0)
-        super().__init__(
-            path,
-            height,
-            width,
-            crs,
-            transform,
-            nodata=nodata_value,
-            colormap=cmap,
-            cog=cog,
-            overview_resampling="nearest",
-            block=block,
-        )
-
-    def write(self, y: int, x: int, ids: np.ndarray) -> None:
-        self.write_bands(y, x, ids.astype(np.uint8)[None])
-
-    def add(self, y: int, x: int, ids: np.ndarray, rgb: np.ndarray, probs=None) -> None:
-        """Sink interface of :func:`~segclip_d2.predict.blocks.predict_source`."""
-        self.write(y, x, ids)
-
-
-PROB_DTYPES = ("uint8", "float")
-
-
-class ProbabilityWriter(RasterWriter):
-    """``K`` bands of class probability, band ``i`` described by ``class_names[i]``.
-
-    ``dtype="uint8"``: probability * 255 rounded (0..255); ``"float"``: float16 (float32 bands
-    stored with 16 bits), NaN where the input has no data. In the uint8 form no-data pixels are 0
-    in every band (the class map's 255 marks them).
-    """
-
-    def __init__(self, path, height, width, crs, transform, class_names, dtype="uint8", cog=False):
-        if dtype not in PROB_DTYPES:
-            raise ValueError(f"--probabilities must be one of {PROB_DTYPES}, got {dtype!r}")
-        self.kind = dtype
-        is_float = dtype == "float"
-        super().__init__(
-            path,
-            height,
-            width,
-            crs,
-            transform,
-            count=len(class_names),
-            dtype="float32" if is_float else "uint8",
-            nodata=float("nan") if is_float else None,
-            descriptions=class_names,
-            cog=cog,
-            overview_resampling="average",
-            nbits=16 if is_float else None,
-        )
-        self.num_classes = len(class_names)
-
-    def _encode(self, values: np.ndarray, invalid: np.ndarray) -> np.ndarray:
-        if self.kind == "float":
-            out = values.astype(np.float32)
-            out[:, invalid] = np.nan
-            return out
-        out = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
-        out[:, invalid] = 0
-        return out
-
-    def add(self, y, x, ids, rgb, probs=None) -> None:
-        h, w = ids.shape
-        invalid = ids == 255
-        if probs is None:
-            probs = np.zeros((self.num_classes, h, w), np.float32)
-        if probs.shape != (self.num_classes, h, w):
-            raise ValueError(
-                f"{self.path}: {self.num_classes} class names but probabilities of shape "
-                f"{probs.shape}"
-            )
-        self.write_bands(y, x, self._encode(probs, invalid))
-
-
-class ConfidenceWriter(ProbabilityWriter):
-    """Two bands: top-1 class probability and margin (top-1 minus top-2), same encodings as
-    :class:`ProbabilityWriter`."""
-
-    BANDS = ("top1_probability", "margin_top1_top2")
-
-    def __init__(self, path, height, width, crs, transform, dtype="uint8", cog=False):
-        super().__init__(path, height, width, crs, transform, self.BANDS, dtype, cog)
-
-    def add(self, y, x, ids, rgb, probs=None) -> None:
-        h, w = ids.shape
-        invalid = ids == 255
-        self.write_bands(y, x, self._encode(confidence_bands(probs, (h, w)), invalid))
-
-
-def confidence_bands(probs: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
-    """(2, h, w) float32: top-1 probability and top-1 minus top-2 of ``probs`` (K, h, w)."""
-    if probs is None:
-        return np.zeros((2, *shape), np.float32)
-    if probs.shape[0] == 1:
-        return np.stack([probs[0], probs[0]]).astype(np.float32)
-    top2 = np.partition(probs, probs.shape[0] - 2, axis=0)[-2:]  # (2, h, w): 2nd, 1st
-    return np.stack([top2[1], top2[1] - top2[0]]).astype(np.float32)
