@@ -33,3 +33,41 @@ def private_model_cache(monkeypatch):
     from segclip_d2.checkpoint import pretrained as weights
 
     monkeypatch.setattr(weights, "_MODELS", dict(weights._MODELS))
+
+
+@pytest.fixture
+def tiny_training(tmp_path, monkeypatch):
+    """train_net.py arguments for a tiny CPU training (seconds per iteration) on a 4-train /
+    2-val synthetic set of 64 px tiles in ``tmp_path/datasets``: ``(argv, output_dir)``; add
+    ``SOLVER.MAX_ITER`` and other overrides after ``argv``, flags at ``argv[2:2]``."""
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+    for key, value in (("NUM_TRAIN", "4"), ("NUM_VAL", "2"), ("SIZE", "64")):
+        monkeypatch.setenv(f"SEGCLIP_SYNTHETIC_{key}", value)
+    out = tmp_path / "out"
+    model = {"NUM_QUERIES": 10, "HIDDEN_DIM": 32, "NHEADS": 2, "DIM_FEEDFORWARD": 64}
+    model.update({"DEC_LAYERS": 2, "MASK_DIM": 32, "LOSS.TRAIN_NUM_POINTS": 256})
+    model.update({"PIXEL_DECODER.CONVS_DIM": 32, "PIXEL_DECODER.ENC_LAYERS": 1})
+    model["PIXEL_DECODER.DIM_FEEDFORWARD"] = 64
+    argv = ["--config-file", str(REPO_ROOT / "configs" / "synthetic" / "segclip_cpu.yaml")]
+    for key, value in model.items():
+        argv += [f"MODEL.SEGCLIP.{key}", str(value)]
+    argv += ["INPUT.CROP.SIZE", "(64, 64)", "INPUT.RESIZE_SCALE", "(1.0, 1.0)"]
+    argv += ["INPUT.COLOR_AUG", "False", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0"]
+    argv += ["DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0"]
+    argv += ["SEED", "7", "OUTPUT_DIR", str(out)]
+    import logging
+
+    import torch
+    from detectron2.utils.logger import setup_logger
+
+    names = ("", "segclip_d2", "detectron2", "d2", "fvcore")
+    handlers = {n: list(logging.getLogger(n).handlers) for n in names}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: one thread is several times faster than two
+    yield argv, out
+    torch.set_num_threads(threads)
+    # train_net's loggers write to this test's (captured) stderr: drop them, and detectron2's
+    # cache of set-up loggers, so the next run sets up its own
+    for n in names:
+        logging.getLogger(n).handlers = handlers[n]
+    setup_logger.cache_clear()
