@@ -121,26 +121,40 @@ def download_archive(name: str, dest_dir: Path, base_url: str, size: int | None,
 
 
 def extract_archive(archive: Path, dest_dir: Path) -> None:
-    """Extract a zip into ``dest_dir`` (refusing members that would land outside it)."""
+    """Extract a zip into ``dest_dir`` (refusing members that would land outside it).
+
+    Only what the archive brings is added: a top-level folder that is new moves in whole; one
+    that already exists (the user's ``Val/`` next to the ``Train/`` being downloaded) only gains
+    the archive's files it lacks. Nothing that exists is deleted or replaced.
+    """
     root = dest_dir.resolve()
+    tmp = dest_dir / f".{archive.stem}.extracting"
     try:
         with zipfile.ZipFile(archive) as zf:
             for member in zf.namelist():
                 target = (root / member).resolve()
                 if root != target and root not in target.parents:
                     raise PrepareError(f"{archive}: member {member!r} escapes the target folder")
-            tmp = dest_dir / f".{archive.stem}.extracting"
-            if tmp.exists():
+            if tmp.exists():  # our own leftover of an interrupted extraction
                 shutil.rmtree(tmp)
             zf.extractall(tmp)
     except zipfile.BadZipFile as e:
         raise PrepareError(f"{archive}: not a valid zip archive ({e})") from e
-    for child in tmp.iterdir():  # move top-level entries in place (e.g. Train/)
-        final = dest_dir / child.name
-        if final.exists():
-            shutil.rmtree(final) if final.is_dir() else final.unlink()
-        child.replace(final)
-    tmp.rmdir()
+    kept = sum(_move_missing(child, dest_dir / child.name) for child in tmp.iterdir())
+    if kept:
+        print(f"{archive.name}: kept {kept} existing file(s) in {dest_dir}, not replaced")
+    shutil.rmtree(tmp)
+
+
+def _move_missing(src: Path, dst: Path) -> int:
+    """Move ``src`` to ``dst`` where ``dst`` does not exist, merging folders; returns how many
+    existing files were kept (the extracted copy is dropped)."""
+    if not dst.exists() and not dst.is_symlink():
+        src.replace(dst)
+        return 0
+    if not (src.is_dir() and dst.is_dir()):
+        return 1
+    return sum(_move_missing(child, dst / child.name) for child in src.iterdir())
 
 
 def download_splits(
