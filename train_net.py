@@ -40,7 +40,7 @@ from segclip_d2 import add_segclip_config, compat
 from segclip_d2.checkpoint.checkpointer import InferenceCheckpointer
 from segclip_d2.cli import add_inference_arguments, apply_inference_arguments
 from segclip_d2.config import load_config
-from segclip_d2.engine import SegCLIPTrainer, launch, write_color_prediction
+from segclip_d2.engine import SegCLIPTrainer, write_color_prediction
 from segclip_d2.engine.data import check_labels_not_all_ignored
 from segclip_d2.errors import (
     UserError,
@@ -52,6 +52,7 @@ from segclip_d2.errors import (
     contract_parser,
     run_main,
 )
+from segclip_d2.launch import detect_launch_env, launch
 from segclip_d2.predict.optimize import optimize_for_inference
 
 logger = logging.getLogger("segclip_d2.train_net")
@@ -73,8 +74,6 @@ def build_config(args):
 
 def world_size_of(args) -> int:
     """Processes the run will use: torchrun/SLURM's world size, else --num-gpus x machines."""
-    from segclip_d2.utils.dist_env import detect_launch_env
-
     env = detect_launch_env()
     return env.world_size if env.source != "none" else args.num_gpus * args.num_machines
 
@@ -256,8 +255,6 @@ def cli(argv=None) -> int:
     try:
         preflight(args)
     except UserError:
-        from segclip_d2.utils.dist_env import detect_launch_env
-
         if detect_launch_env().rank != 0:  # torchrun / srun start every rank: rank 0 reports
             return 2
         raise

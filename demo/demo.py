@@ -277,9 +277,10 @@ def _main(argv=None) -> int:
     cfg, classes, colors, custom = preflight(args)
 
     from segclip_d2.errors import UserError
-    from segclip_d2.geo.batch import Launch, shard, write_manifest
+    from segclip_d2.geo.batch import shard, write_manifest
     from segclip_d2.geo.gsd import GsdPolicy, model_gsd, parse_gsd
     from segclip_d2.geo.outputs import output_options
+    from segclip_d2.launch import Launch
 
     try:
         gsd_option = parse_gsd(args.gsd)
