@@ -71,3 +71,32 @@ def tiny_training(tmp_path, monkeypatch):
     for n in names:
         logging.getLogger(n).handlers = handlers[n]
     setup_logger.cache_clear()
+
+
+def _package_index_reachable() -> tuple[bool, str]:
+    """Whether pip's package index (PIP_INDEX_URL, else pypi.org; through HTTPS_PROXY when
+    set) accepts a connection within 5 s."""
+    import socket
+    from urllib.parse import urlparse
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy or os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple")
+    host, port = url.hostname or "pypi.org", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        return False, f"{host}:{port} unreachable ({e})"
+    return True, ""
+
+
+@pytest.fixture(autouse=True)
+def _skip_network_tests_offline(request):
+    """Tests marked ``network`` (they download from the package index) are skipped, with the
+    reason, when the index cannot be reached (or SEGCLIP_OFFLINE=1)."""
+    if request.node.get_closest_marker("network") is None:
+        return
+    if os.environ.get("SEGCLIP_OFFLINE", "") not in ("", "0"):
+        pytest.skip("needs the package index (network); SEGCLIP_OFFLINE is set")
+    ok, why = _package_index_reachable()
+    if not ok:
+        pytest.skip(f"needs the package index (network): {why}")

@@ -76,6 +76,7 @@ def test_a_failed_or_crashing_check_makes_the_exit_status_1(monkeypatch, capsys)
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_download_for_py312_then_offline_install_into_a_fresh_folder(tmp_path):
     """A subset: a cp312 binary wheel, pure wheels and an sdist-only package built into a wheel;
     then the pure ones install offline (no index) into an empty folder and import from there."""
