@@ -209,6 +209,32 @@ def _make_items(source: Source, facts):
     return [whole_image_item(source, image, label)]
 
 
+def _md5_overrides(items: list[str]) -> dict[str, str]:
+    """``--expected-md5 NAME=MD5`` items as ``{NAME: md5}``."""
+    overrides = {}
+    for item in items:
+        name, sep, md5 = item.partition("=")
+        if not sep or name not in ARCHIVES:
+            raise PrepareError(
+                f"--expected-md5 {item!r}: use NAME=MD5 with NAME in {list(ARCHIVES)}"
+            )
+        overrides[name] = md5.lower()
+    return overrides
+
+
+def _splits_found(src: Path) -> list[str]:
+    """The splits whose release folder is in ``src`` (a note names the missing ones)."""
+    splits = [s for s, d in SPLIT_DIRS.items() if (src / d).is_dir()]
+    if not splits:
+        raise PrepareError(
+            f"{src}: none of Train/, Val/, Test/ found; expected the official LoveDA layout"
+        )
+    missing = [SPLIT_DIRS[s] for s in SPLIT_DIRS if s not in splits]
+    if missing:
+        print(f"note: {', '.join(missing)} not found in {src}; preparing {splits}")
+    return splits
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -234,27 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     src: Path = args.src
     check_dst(args.dst)
     if args.download:
-        overrides = {}
-        for item in args.expected_md5:
-            name, sep, md5 = item.partition("=")
-            if not sep or name not in ARCHIVES:
-                raise PrepareError(
-                    f"--expected-md5 {item!r}: use NAME=MD5 with NAME in {list(ARCHIVES)}"
-                )
-            overrides[name] = md5.lower()
+        overrides = _md5_overrides(args.expected_md5)
         download_splits(src, args.splits or list(SPLIT_DIRS), args.download_url, overrides)
     if not src.is_dir():
         raise PrepareError(f"{src}: LoveDA source folder not found (use --download to fetch it)")
-    splits = args.splits
-    if splits is None:
-        splits = [s for s, d in SPLIT_DIRS.items() if (src / d).is_dir()]
-        if not splits:
-            raise PrepareError(
-                f"{src}: none of Train/, Val/, Test/ found; expected the official LoveDA layout"
-            )
-        missing = [SPLIT_DIRS[s] for s in SPLIT_DIRS if s not in splits]
-        if missing:
-            print(f"note: {', '.join(missing)} not found in {src}; preparing {splits}")
+    splits = args.splits or _splits_found(src)
     all_sources = {split: find_sources(src, split) for split in splits}  # verify layout first
     summaries = []
     t0 = time.perf_counter()
