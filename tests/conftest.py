@@ -35,6 +35,14 @@ def private_model_cache(monkeypatch):
     monkeypatch.setattr(weights, "_MODELS", dict(weights._MODELS))
 
 
+def _logger_state(logger) -> tuple:
+    return list(logger.handlers), logger.propagate, logger.level
+
+
+def _stream(handler):
+    return getattr(handler, "stream", None)
+
+
 @pytest.fixture
 def tiny_training(tmp_path, monkeypatch):
     """train_net.py arguments for a tiny CPU training (seconds per iteration) on a 4-train /
@@ -61,15 +69,20 @@ def tiny_training(tmp_path, monkeypatch):
     from detectron2.utils.logger import setup_logger
 
     names = ("", "segclip_d2", "detectron2", "d2", "fvcore")
-    handlers = {n: list(logging.getLogger(n).handlers) for n in names}
+    saved = {n: _logger_state(logging.getLogger(n)) for n in names}
+    for n in names:  # handlers left by earlier runs may write to a closed (captured) stream
+        lg = logging.getLogger(n)
+        lg.handlers = [h for h in lg.handlers if not getattr(_stream(h), "closed", False)]
+    setup_logger.cache_clear()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores: one thread is several times faster than two
     yield argv, out
     torch.set_num_threads(threads)
-    # train_net's loggers write to this test's (captured) stderr: drop them, and detectron2's
-    # cache of set-up loggers, so the next run sets up its own
+    # train_net's loggers write to this test's (captured) stderr: put the loggers back as they
+    # were, and clear detectron2's cache of set-up loggers, so the next run sets up its own
     for n in names:
-        logging.getLogger(n).handlers = handlers[n]
+        lg = logging.getLogger(n)
+        lg.handlers, lg.propagate, lg.level = saved[n]
     setup_logger.cache_clear()
 
 

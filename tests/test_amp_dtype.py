@@ -64,6 +64,7 @@ def test_auto_on_cpu_follows_native_bf16(native, caplog):
     native(True)
     assert amp_dtype_for(_cfg(), "cpu") == torch.bfloat16
     native(False)
+    caplog.clear()  # the bf16 line above is logged too when an earlier test set INFO up
     with caplog.at_level(logging.INFO, logger="segclip_d2.engine.trainer"):
         assert amp_dtype_for(_cfg(), "cpu") is None
     lines = [r.getMessage() for r in caplog.records]
