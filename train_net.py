@@ -39,7 +39,8 @@ import segclip_d2.modeling.meta_arch  # noqa: F401  (registers SegCLIP)
 from segclip_d2 import add_segclip_config, compat
 from segclip_d2.cli import add_inference_arguments, apply_inference_arguments
 from segclip_d2.config import load_config
-from segclip_d2.engine import SegCLIPTrainer, launch, write_color_prediction
+from segclip_d2.engine import SegCLIPTrainer, write_color_prediction
+from segclip_d2.engine.data import check_labels_not_all_ignored
 from segclip_d2.errors import (
     UserError,
     check_dataset_present,
@@ -50,6 +51,7 @@ from segclip_d2.errors import (
     contract_parser,
     run_main,
 )
+from segclip_d2.launch import detect_launch_env, launch
 from segclip_d2.predict.load import load_model
 
 logger = logging.getLogger("segclip_d2.train_net")
@@ -71,8 +73,6 @@ def build_config(args):
 
 def world_size_of(args) -> int:
     """Processes the run will use: torchrun/SLURM's world size, else --num-gpus x machines."""
-    from segclip_d2.utils.dist_env import detect_launch_env
-
     env = detect_launch_env()
     return env.world_size if env.source != "none" else args.num_gpus * args.num_machines
 
@@ -82,12 +82,58 @@ def _resumable(cfg, args) -> bool:
     return bool(args.resume) and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
 
 
+def check_flags_before_overrides(opts) -> None:
+    """A ``--flag`` among the KEY VALUE overrides (detectron2 reads everything after the first
+    KEY as overrides): say where it belongs instead of "odd number of items"."""
+    late = [o for o in opts or [] if str(o).startswith("--")]
+    if late:
+        raise UserError(
+            "command line",
+            f"{late[0]} comes after the KEY VALUE overrides, where it is read as a config key",
+            f"put the flags before the overrides: train_net.py --config-file FILE {late[0]} "
+            "[...] KEY VALUE ...",
+        )
+
+
+def check_no_earlier_training(cfg, args) -> None:
+    """Training without ``--resume`` into an OUTPUT_DIR that holds checkpoints would replace
+    its model_final.pth / model_best.pth: refused."""
+    out = cfg.OUTPUT_DIR
+    if args.resume or not os.path.isdir(out):
+        return
+    names = sorted(n for n in os.listdir(out) if n.endswith(".pth") or n == "last_checkpoint")
+    if names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise UserError(
+            f"OUTPUT_DIR {out}",
+            f"holds an earlier training ({shown}) that this run would overwrite",
+            "add --resume (before the KEY VALUE overrides) to continue it, or train into a fresh "
+            "OUTPUT_DIR",
+        )
+
+
+def _check_train_values(cfg, args) -> None:
+    world, batch = world_size_of(args), cfg.SOLVER.IMS_PER_BATCH
+    if batch <= 0:
+        raise UserError("SOLVER.IMS_PER_BATCH", f"is {batch}, must be > 0", "e.g. 16")
+    if batch % world:
+        raise UserError(
+            "SOLVER.IMS_PER_BATCH",
+            f"{batch} images cannot be split evenly over {world} processes",
+            f"use a multiple of {world}, or another --num-gpus",
+        )
+    if cfg.SOLVER.MAX_ITER <= 0:
+        raise UserError("SOLVER.MAX_ITER", f"is {cfg.SOLVER.MAX_ITER}, must be > 0", None)
+
+
 def preflight(args, cfg=None):
-    """Every check that needs no model, before anything is built or written: config (file, keys,
-    values), dataset names and folders, batch size vs. world size, weights file, output folder.
-    Returns the (unfrozen) config."""
+    """Every check that needs no model, before anything is built or written: command line,
+    config (file, keys, values), dataset names, folders and labels, batch size vs. world size,
+    weights file, output folder (no earlier training overwritten). Returns the (unfrozen)
+    config."""
     if args.num_gpus < 1 or args.num_machines < 1:
         raise UserError("--num-gpus", "must be >= 1 (also --num-machines)", "e.g. --num-gpus 1")
+    check_flags_before_overrides(args.opts)
     cfg = build_config(args) if cfg is None else cfg
     train = not args.eval_only
     if train:
@@ -98,26 +144,21 @@ def preflight(args, cfg=None):
         raise UserError("DATASETS.TEST", "empty: --eval-only has nothing to evaluate", None)
     check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
     if train:
-        world, batch = world_size_of(args), cfg.SOLVER.IMS_PER_BATCH
-        if batch <= 0:
-            raise UserError("SOLVER.IMS_PER_BATCH", f"is {batch}, must be > 0", "e.g. 16")
-        if batch % world:
-            raise UserError(
-                "SOLVER.IMS_PER_BATCH",
-                f"{batch} images cannot be split evenly over {world} processes",
-                f"use a multiple of {world}, or another --num-gpus",
-            )
-        if cfg.SOLVER.MAX_ITER <= 0:
-            raise UserError("SOLVER.MAX_ITER", f"is {cfg.SOLVER.MAX_ITER}, must be > 0", None)
+        _check_train_values(cfg, args)
     check_weights_file(cfg.MODEL.WEIGHTS)
     if args.eval_only:
         check_trained_weights(cfg.MODEL.WEIGHTS, args.allow_random_weights, _resumable(cfg, args))
     check_writable_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
+    if train:
+        check_no_earlier_training(cfg, args)
     # Last: listing a split reads its folder (and generates the synthetic set on first use).
     # TEST first: a missing prepared split is reported before the synthetic set is generated.
     for key in ("DATASETS.TEST", "DATASETS.TRAIN") if train else ("DATASETS.TEST",):
         for name in cfg.get("DATASETS")[key.split(".")[1]]:
             check_dataset_present(name, key)
+    if train:
+        for name in cfg.DATASETS.TRAIN:
+            check_labels_not_all_ignored(name, "DATASETS.TRAIN")
     return cfg
 
 
@@ -213,8 +254,6 @@ def cli(argv=None) -> int:
     try:
         preflight(args)
     except UserError:
-        from segclip_d2.utils.dist_env import detect_launch_env
-
         if detect_launch_env().rank != 0:  # torchrun / srun start every rank: rank 0 reports
             return 2
         raise

@@ -121,26 +121,40 @@ def download_archive(name: str, dest_dir: Path, base_url: str, size: int | None,
 
 
 def extract_archive(archive: Path, dest_dir: Path) -> None:
-    """Extract a zip into ``dest_dir`` (refusing members that would land outside it)."""
+    """Extract a zip into ``dest_dir`` (refusing members that would land outside it).
+
+    Only what the archive brings is added: a top-level folder that is new moves in whole; one
+    that already exists (the user's ``Val/`` next to the ``Train/`` being downloaded) only gains
+    the archive's files it lacks. Nothing that exists is deleted or replaced.
+    """
     root = dest_dir.resolve()
+    tmp = dest_dir / f".{archive.stem}.extracting"
     try:
         with zipfile.ZipFile(archive) as zf:
             for member in zf.namelist():
                 target = (root / member).resolve()
                 if root != target and root not in target.parents:
                     raise PrepareError(f"{archive}: member {member!r} escapes the target folder")
-            tmp = dest_dir / f".{archive.stem}.extracting"
-            if tmp.exists():
+            if tmp.exists():  # our own leftover of an interrupted extraction
                 shutil.rmtree(tmp)
             zf.extractall(tmp)
     except zipfile.BadZipFile as e:
         raise PrepareError(f"{archive}: not a valid zip archive ({e})") from e
-    for child in tmp.iterdir():  # move top-level entries in place (e.g. Train/)
-        final = dest_dir / child.name
-        if final.exists():
-            shutil.rmtree(final) if final.is_dir() else final.unlink()
-        child.replace(final)
-    tmp.rmdir()
+    kept = sum(_move_missing(child, dest_dir / child.name) for child in tmp.iterdir())
+    if kept:
+        print(f"{archive.name}: kept {kept} existing file(s) in {dest_dir}, not replaced")
+    shutil.rmtree(tmp)
+
+
+def _move_missing(src: Path, dst: Path) -> int:
+    """Move ``src`` to ``dst`` where ``dst`` does not exist, merging folders; returns how many
+    existing files were kept (the extracted copy is dropped)."""
+    if not dst.exists() and not dst.is_symlink():
+        src.replace(dst)
+        return 0
+    if not (src.is_dir() and dst.is_dir()):
+        return 1
+    return sum(_move_missing(child, dst / child.name) for child in src.iterdir())
 
 
 def download_splits(
@@ -195,6 +209,32 @@ def _make_items(source: Source, facts):
     return [whole_image_item(source, image, label)]
 
 
+def _md5_overrides(items: list[str]) -> dict[str, str]:
+    """``--expected-md5 NAME=MD5`` items as ``{NAME: md5}``."""
+    overrides = {}
+    for item in items:
+        name, sep, md5 = item.partition("=")
+        if not sep or name not in ARCHIVES:
+            raise PrepareError(
+                f"--expected-md5 {item!r}: use NAME=MD5 with NAME in {list(ARCHIVES)}"
+            )
+        overrides[name] = md5.lower()
+    return overrides
+
+
+def _splits_found(src: Path) -> list[str]:
+    """The splits whose release folder is in ``src`` (a note names the missing ones)."""
+    splits = [s for s, d in SPLIT_DIRS.items() if (src / d).is_dir()]
+    if not splits:
+        raise PrepareError(
+            f"{src}: none of Train/, Val/, Test/ found; expected the official LoveDA layout"
+        )
+    missing = [SPLIT_DIRS[s] for s in SPLIT_DIRS if s not in splits]
+    if missing:
+        print(f"note: {', '.join(missing)} not found in {src}; preparing {splits}")
+    return splits
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -220,27 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     src: Path = args.src
     check_dst(args.dst)
     if args.download:
-        overrides = {}
-        for item in args.expected_md5:
-            name, sep, md5 = item.partition("=")
-            if not sep or name not in ARCHIVES:
-                raise PrepareError(
-                    f"--expected-md5 {item!r}: use NAME=MD5 with NAME in {list(ARCHIVES)}"
-                )
-            overrides[name] = md5.lower()
+        overrides = _md5_overrides(args.expected_md5)
         download_splits(src, args.splits or list(SPLIT_DIRS), args.download_url, overrides)
     if not src.is_dir():
         raise PrepareError(f"{src}: LoveDA source folder not found (use --download to fetch it)")
-    splits = args.splits
-    if splits is None:
-        splits = [s for s, d in SPLIT_DIRS.items() if (src / d).is_dir()]
-        if not splits:
-            raise PrepareError(
-                f"{src}: none of Train/, Val/, Test/ found; expected the official LoveDA layout"
-            )
-        missing = [SPLIT_DIRS[s] for s in SPLIT_DIRS if s not in splits]
-        if missing:
-            print(f"note: {', '.join(missing)} not found in {src}; preparing {splits}")
+    splits = args.splits or _splits_found(src)
     all_sources = {split: find_sources(src, split) for split in splits}  # verify layout first
     summaries = []
     t0 = time.perf_counter()

@@ -140,9 +140,10 @@ def _main(argv=None) -> int:
     from segclip_d2.cli import output_options
     from segclip_d2.data.visualize import draw_legend
     from segclip_d2.errors import UserError, check_writable_dir
-    from segclip_d2.geo.batch import InputRun, Launch, expand_inputs, output_stems, shard
+    from segclip_d2.geo.batch import InputRun, expand_inputs, output_stems, shard
     from segclip_d2.geo.gsd import GsdPolicy
     from segclip_d2.geo.outputs import is_output_name
+    from segclip_d2.launch import Launch
     from segclip_d2.predict.blocks import block_probs
     from segclip_d2.utils.atomic import remove_stale_temps
 

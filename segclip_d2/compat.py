@@ -2,7 +2,7 @@
 project depends on, in one place.
 
 - ``launch()``: 0.5 asserts CUDA and always uses NCCL; current detectron2 still assumes GPUs.
-  :mod:`segclip_d2.engine.launch` launches CPU processes itself and calls
+  :mod:`segclip_d2.launch` launches CPU processes itself and calls
   :func:`create_local_process_group` here.
 - the local (per-machine) process group: 0.5 stores it in ``comm._LOCAL_PROCESS_GROUP``;
   current detectron2 builds it with ``comm.create_local_process_group(n)``.

@@ -112,3 +112,83 @@ def _write_geotiff(path: Path, height=100, width=90, nodata_rows=10):
 def write_geotiff():
     """``write_geotiff(path, height=100, width=90, nodata_rows=10) -> transform``."""
     return _write_geotiff
+
+
+def _logger_state(logger) -> tuple:
+    return list(logger.handlers), logger.propagate, logger.level
+
+
+def _stream(handler):
+    return getattr(handler, "stream", None)
+
+
+@pytest.fixture
+def tiny_training(tmp_path, monkeypatch):
+    """train_net.py arguments for a tiny CPU training (seconds per iteration) on a 4-train /
+    2-val synthetic set of 64 px tiles in ``tmp_path/datasets``: ``(argv, output_dir)``; add
+    ``SOLVER.MAX_ITER`` and other overrides after ``argv``, flags at ``argv[2:2]``."""
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+    for key, value in (("NUM_TRAIN", "4"), ("NUM_VAL", "2"), ("SIZE", "64")):
+        monkeypatch.setenv(f"SEGCLIP_SYNTHETIC_{key}", value)
+    out = tmp_path / "out"
+    model = {"NUM_QUERIES": 10, "HIDDEN_DIM": 32, "NHEADS": 2, "DIM_FEEDFORWARD": 64}
+    model.update({"DEC_LAYERS": 2, "MASK_DIM": 32, "LOSS.TRAIN_NUM_POINTS": 256})
+    model.update({"PIXEL_DECODER.CONVS_DIM": 32, "PIXEL_DECODER.ENC_LAYERS": 1})
+    model["PIXEL_DECODER.DIM_FEEDFORWARD"] = 64
+    argv = ["--config-file", str(REPO_ROOT / "configs" / "synthetic" / "segclip_cpu.yaml")]
+    for key, value in model.items():
+        argv += [f"MODEL.SEGCLIP.{key}", str(value)]
+    argv += ["INPUT.CROP.SIZE", "(64, 64)", "INPUT.RESIZE_SCALE", "(1.0, 1.0)"]
+    argv += ["INPUT.COLOR_AUG", "False", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0"]
+    argv += ["DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0"]
+    argv += ["SEED", "7", "OUTPUT_DIR", str(out)]
+    import logging
+
+    import torch
+    from detectron2.utils.logger import setup_logger
+
+    names = ("", "segclip_d2", "detectron2", "d2", "fvcore")
+    saved = {n: _logger_state(logging.getLogger(n)) for n in names}
+    for n in names:  # handlers left by earlier runs may write to a closed (captured) stream
+        lg = logging.getLogger(n)
+        lg.handlers = [h for h in lg.handlers if not getattr(_stream(h), "closed", False)]
+    setup_logger.cache_clear()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: one thread is several times faster than two
+    yield argv, out
+    torch.set_num_threads(threads)
+    # train_net's loggers write to this test's (captured) stderr: put the loggers back as they
+    # were, and clear detectron2's cache of set-up loggers, so the next run sets up its own
+    for n in names:
+        lg = logging.getLogger(n)
+        lg.handlers, lg.propagate, lg.level = saved[n]
+    setup_logger.cache_clear()
+
+
+def _package_index_reachable() -> tuple[bool, str]:
+    """Whether pip's package index (PIP_INDEX_URL, else pypi.org; through HTTPS_PROXY when
+    set) accepts a connection within 5 s."""
+    import socket
+    from urllib.parse import urlparse
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy or os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple")
+    host, port = url.hostname or "pypi.org", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        return False, f"{host}:{port} unreachable ({e})"
+    return True, ""
+
+
+@pytest.fixture(autouse=True)
+def _skip_network_tests_offline(request):
+    """Tests marked ``network`` (they download from the package index) are skipped, with the
+    reason, when the index cannot be reached (or SEGCLIP_OFFLINE=1)."""
+    if request.node.get_closest_marker("network") is None:
+        return
+    if os.environ.get("SEGCLIP_OFFLINE", "") not in ("", "0"):
+        pytest.skip("needs the package index (network); SEGCLIP_OFFLINE is set")
+    ok, why = _package_index_reachable()
+    if not ok:
+        pytest.skip(f"needs the package index (network): {why}")

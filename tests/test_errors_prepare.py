@@ -140,3 +140,51 @@ def test_prepared_files_follow_the_umask_and_dead_temps_are_cleaned(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_download_never_deletes_or_replaces_the_users_folders(tmp_path):
+    """An archive holding Val/ next to Train/ adds Train/ and only the Val/ files the user lacks:
+    the user's Val/ keeps every file, byte for byte (it was deleted before)."""
+    import hashlib
+    import zipfile
+
+    tree = _loveda_src(tmp_path / "tree")  # Val/ of the archive
+    (tree / "Val").rename(tree / "Train")
+    _loveda_src(tree)
+    (tree / "Val" / "archive_only.txt").write_text("from the archive")
+    server = tmp_path / "server"
+    server.mkdir()
+    with zipfile.ZipFile(server / "Train.zip", "w") as zf:
+        for p in sorted(q for q in tree.rglob("*") if q.is_file()):
+            zf.write(p, p.relative_to(tree).as_posix())
+    md5 = hashlib.md5((server / "Train.zip").read_bytes()).hexdigest()
+    src = _loveda_src(tmp_path / "raw")  # the user's own Val/
+    (src / "Val" / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in (src / "Val").rglob("*") if p.is_file()}
+    argv = ["--src", str(src), "--dst", str(tmp_path / "d"), "--splits", "train", "--download"]
+    argv += ["--download-url", server.as_uri(), "--expected-md5", f"Train.zip={md5}"]
+    assert SCRIPTS["loveda"].main(argv) == 0
+    assert {p: p.read_bytes() for p in before} == before
+    assert (src / "Val" / "archive_only.txt").is_file()  # added: the user had none
+    assert (src / "Train" / "Urban" / "images_png" / "urban1.png").is_file()
+    assert not [p for p in src.iterdir() if p.name.startswith(".")]  # no extraction leftovers
+
+
+def test_overwrite_through_a_symlinked_split_keeps_the_link_and_its_neighbours(tmp_path):
+    """--overwrite on a split folder that is a symbolic link (kept on another disk) rebuilds
+    the split in the link's target; the link and the files next to the target stay."""
+    src = _loveda_src(tmp_path / "raw")
+    dst = tmp_path / "d"
+    disk = tmp_path / "other_disk"
+    (disk / "val").mkdir(parents=True)
+    (disk / "keep.txt").write_text("not the split's")
+    (dst / "loveda").mkdir(parents=True)
+    (dst / "loveda" / "val").symlink_to(disk / "val", target_is_directory=True)
+    argv = ["--src", str(src), "--dst", str(dst), "--splits", "val"]
+    assert SCRIPTS["loveda"].main(argv) == 0
+    (disk / "val" / "images" / "stale.png").write_bytes(b"old")
+    assert SCRIPTS["loveda"].main(argv + ["--overwrite"]) == 0
+    assert (dst / "loveda" / "val").is_symlink()
+    assert (disk / "val" / "manifest.json").is_file()
+    assert not (disk / "val" / "images" / "stale.png").exists()
+    assert (disk / "keep.txt").read_text() == "not the split's"

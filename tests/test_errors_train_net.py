@@ -73,6 +73,11 @@ CASES = [
         ["MODEL.SEGCLIP.HIDEN_DIM", "did you mean MODEL.SEGCLIP.HIDDEN_DIM?"],
     ),
     ("odd-overrides", lambda t: C + ["SOLVER.MAX_ITER"], ["SOLVER.MAX_ITER", "each KEY needs"]),
+    (
+        "flag-after-overrides",
+        lambda t: C + ["SOLVER.MAX_ITER", "2", "--resume"],
+        ["--resume comes after the KEY VALUE overrides", "put the flags before the overrides"],
+    ),
     ("bad-value", lambda t: C + ["SOLVER.IMS_PER_BATCH", "many"], ["SOLVER.IMS_PER_BATCH"]),
     ("bad-flag", lambda t: C + ["--precision", "int8"], ["command line", "--precision"]),
     (
@@ -218,3 +223,217 @@ def test_under_torchrun_only_rank_0_reports(tmp_path, monkeypatch, capsys):
         monkeypatch.setenv("WORLD_SIZE", "2")
         assert run_main(train_net.cli, argv) == 2
         assert ("error: SOLVER.IMS_PER_BATCH" in capsys.readouterr().err) is printed
+
+
+# ---------------------------------------------------------------------- met during training
+# Each case trains the tiny model in-process (tiny_training in conftest.py) and checks: exit 2,
+# one line with the texts, no traceback, and what is left on disk.
+
+
+def _checkpoints(out: Path) -> dict[str, dict]:
+    """Every checkpoint of ``out``, loaded (a corrupt or half-written one fails the test)."""
+    return {p.name: torch.load(p, map_location="cpu", weights_only=True) for p in out.glob("*.pth")}
+
+
+def _all_finite(ckpt: dict) -> bool:
+    return all(
+        bool(torch.isfinite(v).all())
+        for v in ckpt["model"].values()
+        if torch.is_tensor(v) and v.is_floating_point()
+    )
+
+
+def _no_temps(out: Path) -> bool:
+    return not [p.name for p in out.iterdir() if ".tmp" in p.name]
+
+
+def _diverge(t, mp):
+    """A learning rate of 100 without clipping: inf gradients at the second iteration, with a
+    checkpoint and an evaluation (model_best.pth) after every iteration."""
+    opts = ["SOLVER.BASE_LR", "100.0", "SOLVER.CLIP_GRADIENTS.ENABLED", "False"]
+    return opts + ["DATASETS.TEST", "('synthetic_aerial_val',)", "TEST.EVAL_PERIOD", "1"]
+
+
+def _check_diverged(out: Path):
+    ckpts = _checkpoints(out)
+    assert "model_best.pth" in ckpts and "model_final.pth" not in ckpts, sorted(ckpts)
+    assert all(_all_finite(c) for c in ckpts.values()), "a checkpoint holds NaN/inf weights"
+    tagged = (out / "last_checkpoint").read_text().strip()
+    assert tagged in ckpts
+
+
+def _disk_full_after(n: int, error: Exception):
+    """torch.save fails on its ``n``-th call after writing part of the file (a full disk)."""
+
+    def setup(t, mp):
+        real, calls = torch.save, []
+
+        def save(obj, f, *a, **k):
+            calls.append(f)
+            if len(calls) < n:
+                return real(obj, f, *a, **k)
+            Path(f).write_bytes(b"PK\x03\x04 partial")
+            raise error
+
+        mp.setattr(torch, "save", save)
+        if isinstance(error, RuntimeError):  # torch's zip writer: the free space tells
+            import shutil
+
+            from segclip_d2.engine import checkpointer
+
+            usage = shutil.disk_usage("/")._replace(free=1000)
+            mp.setattr(checkpointer.shutil, "disk_usage", lambda p: usage)
+        return []
+
+    return setup
+
+
+def _check_disk_full(out: Path):
+    ckpts = _checkpoints(out)
+    assert sorted(ckpts) == ["model_0000000.pth", "model_0000001.pth"], sorted(ckpts)
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000001.pth"
+    assert _no_temps(out)
+
+
+def _own_dataset(labels_fn):
+    """Register a 4-tile dataset in tmp whose labels ``labels_fn(i, path)`` writes; trains on it
+    with a data worker process (the error crosses the worker boundary)."""
+
+    def setup(t, mp):
+        import numpy as np
+        from detectron2.data import DatasetCatalog, MetadataCatalog
+        from PIL import Image
+
+        name = f"trainerr_{t.name}"
+        folder = t / "own"
+        folder.mkdir()
+        records = []
+        for i in range(4):
+            img, lbl = folder / f"img{i}.png", folder / f"lbl{i}.png"
+            Image.fromarray(np.full((64, 64, 3), 40 * i, np.uint8)).save(img)
+            labels_fn(i, lbl)
+            records.append({"file_name": str(img), "sem_seg_file_name": str(lbl)})
+            records[-1].update(height=64, width=64, image_id=i)
+        meta = MetadataCatalog.get("synthetic_aerial_train").as_dict()
+        meta.pop("name")
+        DatasetCatalog.register(name, lambda: [dict(r) for r in records])
+        MetadataCatalog.get(name).set(**meta)
+        mp.setattr(sys.modules[__name__], "_registered", [*_registered, name])
+        return ["DATASETS.TRAIN", f"('{name}',)", "DATALOADER.NUM_WORKERS", "1"]
+
+    return setup
+
+
+_registered: list[str] = []
+
+
+def _label(value_of):
+    import numpy as np
+    from PIL import Image
+
+    def write(i, path):
+        value = value_of(i)
+        if value is None:  # a label cut short by a failed copy
+            Image.fromarray(np.full((64, 64), 1, np.uint8)).save(path)
+            path.write_bytes(path.read_bytes()[:40])
+        else:
+            Image.fromarray(np.full((64, 64), value, np.uint8)).save(path)
+
+    return write
+
+
+def _check_checkpoints_intact(out: Path):
+    ckpts = _checkpoints(out)
+    if (out / "last_checkpoint").exists():
+        assert (out / "last_checkpoint").read_text().strip() in ckpts
+    assert "model_final.pth" not in ckpts and _no_temps(out)
+
+
+def _nothing_written(out: Path):
+    assert not out.exists()
+
+
+def _earlier_run(t, mp):
+    out = t / "out"
+    out.mkdir()
+    for name in ("model_final.pth", "model_best.pth", "last_checkpoint"):
+        (out / name).write_text(f"earlier {name}")
+    return []
+
+
+def _earlier_run_kept(out: Path):
+    for name in ("model_final.pth", "model_best.pth", "last_checkpoint"):
+        assert (out / name).read_text() == f"earlier {name}"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "last_checkpoint",
+        "model_best.pth",
+        "model_final.pth",
+    ]
+
+
+ENOSPC = OSError(28, "No space left on device")
+TORCH_FULL = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+# (id, setup(tmp, monkeypatch) -> extra overrides, texts of the one line, check(out))
+TRAIN_CASES = [
+    (
+        "diverged",
+        _diverge,
+        ["training diverged at iteration 2", "SOLVER.BASE_LR", "SOLVER.CLIP_GRADIENTS"],
+        _check_diverged,
+    ),
+    (
+        "disk-full",
+        _disk_full_after(3, ENOSPC),
+        ["model_0000002.pth", "could not be written: no space left on device", "--resume"],
+        _check_disk_full,
+    ),
+    (
+        "disk-full-torch-writer",
+        _disk_full_after(3, TORCH_FULL),
+        ["model_0000002.pth", "no space left on device (0 MB free"],
+        _check_disk_full,
+    ),
+    (
+        "corrupt-label",
+        _own_dataset(_label(lambda i: None if i == 2 else i)),
+        ["training data", "lbl2.png", "cannot read label", "re-prepare"],
+        _check_checkpoints_intact,
+    ),
+    (
+        "all-ignore-labels",
+        _own_dataset(_label(lambda i: 255)),
+        ["DATASETS.TRAIN", "all 4 labels hold only the ignore value 255"],
+        _nothing_written,
+    ),
+    (
+        "earlier-run-without-resume",
+        _earlier_run,
+        ["OUTPUT_DIR", "holds an earlier training", "--resume", "fresh OUTPUT_DIR"],
+        _earlier_run_kept,
+    ),
+]
+
+
+@pytest.mark.parametrize("case,setup,texts,check", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
+def test_training_failure_is_one_line_and_keeps_what_was_written(
+    tiny_training, tmp_path, monkeypatch, capsys, case, setup, texts, check
+):
+    from detectron2.data import DatasetCatalog
+
+    import train_net
+
+    argv, out = tiny_training
+    extra = setup(tmp_path, monkeypatch)
+    argv = argv + ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "1"] + extra
+    try:
+        assert run_main(train_net.cli, argv) == 2
+    finally:
+        for name in _registered:
+            DatasetCatalog.remove(name)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, err[-3000:]
+    for text in texts:
+        assert text in lines[0], (text, lines[0])
+    assert "Traceback" not in err
+    check(out)

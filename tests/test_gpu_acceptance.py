@@ -114,6 +114,7 @@ def test_inference_check_runs_and_reports_on_cpu():
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_download_for_py312_then_offline_install_into_a_fresh_folder(tmp_path):
     """A subset: a cp312 binary wheel, pure wheels and an sdist-only package built into a wheel;
     then the pure ones install offline (no index) into an empty folder and import from there."""

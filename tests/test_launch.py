@@ -1,14 +1,13 @@
 """The launcher's choice between torchrun, SLURM and --num-gpus (the multi-process runs are in
 test_train_distributed.py)."""
 
-import importlib
+import os
 
 import pytest
 
+from segclip_d2 import launch as launch_mod
 from segclip_d2.errors import UserError
-from segclip_d2.utils.dist_env import detect_launch_env, first_slurm_host
-
-launch_mod = importlib.import_module("segclip_d2.engine.launch")  # the package exports launch()
+from segclip_d2.launch import detect_launch_env, first_slurm_host
 
 
 def _never(*args):
@@ -40,3 +39,24 @@ def test_plain_run_is_in_process(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     assert launch_mod.launch(lambda x: x * 2, 1, args=(21,)) == 42
     assert launch_mod.default_backend() in ("gloo", "nccl")
+
+
+def test_the_launcher_imports_without_torch():
+    """demo.py --onnx runs without torch and reads the launch environment through this module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'detectron2', 'fvcore'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from segclip_d2.launch import Launch\n"
+        "from segclip_d2.geo.batch import shard\n"
+        "assert Launch().world_size == 1 and 'torch' not in sys.modules\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "SLURM_PROCID")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -15,7 +15,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 from test_train import REPO, TINY_OPTS, tiny_cfg  # tests/ is on sys.path (rootdir import mode)
 
-from segclip_d2.engine.launch import find_free_port
+from segclip_d2.launch import find_free_port
 
 # SGD, so the weight change after a step is -lr x gradient. FrozenBN: batch statistics
 # would differ between 1 image per process and 2 images in one process (use SyncBN on GPUs).
@@ -214,7 +214,7 @@ def _normalizer_worker(out_dir):
 
 
 def test_criterion_normalisers_are_global(tmp_path):
-    from segclip_d2.engine.launch import launch
+    from segclip_d2.launch import launch
 
     launch(_normalizer_worker, 2, dist_url="auto", args=(tmp_path,))
     for rank in (0, 1):

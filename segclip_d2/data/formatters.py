@@ -25,15 +25,15 @@ import numpy as np
 from detectron2.data import MetadataCatalog
 from PIL import Image
 
+from ..utils.atomic import atomic_output
 from .dataset_facts import get_facts
 from .register import MANIFEST_NAME
 
 
 def _atomic_png(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
 
 
 class SubmissionFormatter:
@@ -90,11 +90,9 @@ class SubmissionFormatter:
         if not files:
             raise RuntimeError(f"{self.out_dir}: no predictions were written")
         archive = self.out_dir.parent / self.archive_name
-        tmp = archive.with_name(f".{archive.name}.tmp")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with atomic_output(archive) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
             for f in files:
                 zf.write(f, f.relative_to(self.out_dir).as_posix())
-        os.replace(tmp, archive)
         return [self.out_dir, archive]
 
 

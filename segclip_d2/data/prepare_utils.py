@@ -222,6 +222,27 @@ class SplitSummary:
     ignore_pixels: int = 0
 
 
+def clear_folder(folder: Path) -> None:
+    """Delete what ``folder`` holds (``--overwrite``). A symbolic link to a folder (a split kept
+    on another disk) stays a link: its target's contents are deleted, never the link's
+    neighbours; a link or file where a folder should be is an error."""
+    folder = Path(folder)
+    if folder.is_symlink() and not folder.is_dir():
+        raise PrepareError(f"{folder}: a broken symbolic link where the split folder should be")
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise PrepareError(f"{folder}: a file where the split folder should be; move it away")
+    if not folder.is_symlink():
+        shutil.rmtree(folder)
+        return
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
 class SplitWriter:
     """Writes one output split with done markers and a manifest written last."""
 
@@ -239,8 +260,8 @@ class SplitWriter:
         self.split = split
         self.labelled = labelled
         self.options = dict(options)
-        if overwrite and self.dir.exists():
-            shutil.rmtree(self.dir)
+        if overwrite:
+            clear_folder(self.dir)
         remove_stale_temps(self.dir, recursive=True)  # of killed runs; running ones' stay
         self.progress = self.dir / PROGRESS_DIR
         self.progress.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..utils.atomic import atomic_output
 from .dataset_facts import IGNORE_LABEL, get_facts
 
 try:  # POSIX file locks; elsewhere concurrent generation is not guarded.
@@ -443,6 +444,29 @@ def _paint_buildings(rng, cv: _Canvas, image: np.ndarray, roads, grid_angle: flo
                 cv2.fillConvexPoly(image, np.round(unit).astype(np.int32), rim)
 
 
+def _add_clutter(rng: np.random.Generator, image: np.ndarray, label: np.ndarray, n: int) -> None:
+    """``n`` bits of clutter (bushes, small paved or bare patches), drawn on background only."""
+    h, w = label.shape
+    clutter = np.zeros((h, w, 3), np.float32)
+    clutter_mask = np.zeros((h, w), np.uint8)
+    for _ in range(n):
+        c = tuple(int(v) for v in rng.uniform(0, 1, 2) * [w, h])
+        if rng.random() < 0.6:
+            col = (rng.uniform(40, 80), rng.uniform(65, 100), rng.uniform(35, 60))
+            radius = int(rng.integers(2, 6))
+            cv2.circle(clutter, c, radius, col, -1)
+            cv2.circle(clutter_mask, c, radius, 1, -1)
+        else:
+            half = rng.uniform(2, 7, 2)
+            p0 = (int(c[0] - half[0]), int(c[1] - half[1]))
+            p1 = (int(c[0] + half[0]), int(c[1] + half[1]))
+            col = tuple(float(v) for v in rng.uniform(110, 180) + rng.uniform(-10, 10, 3))
+            cv2.rectangle(clutter, p0, p1, col, -1)
+            cv2.rectangle(clutter_mask, p0, p1, 1, -1)
+    on = (clutter_mask > 0) & (label == BACKGROUND)
+    image[on] = 0.3 * image[on] + 0.7 * clutter[on]
+
+
 def _render_ground(rng: np.random.Generator, cv: _Canvas) -> np.ndarray:
     """Colour and texture every region: (H, W, 3) float32 RGB in 0..255."""
     h, w = cv.h, cv.w
@@ -479,26 +503,7 @@ def _render_ground(rng: np.random.Generator, cv: _Canvas) -> np.ndarray:
     if len(ys):
         tex = 10.0 * _noise(rng, h, w, 30)[ys, xs] + 5.0 * _noise(rng, h, w, 6)[ys, xs]
         image[ys, xs] += tex[:, None]
-        # Clutter: bushes, small paved or bare patches, all on background only.
-        clutter = np.zeros((h, w, 3), np.float32)
-        clutter_mask = np.zeros((h, w), np.uint8)
-        n = int(len(ys) / 1800)
-        for _ in range(n):
-            c = tuple(int(v) for v in rng.uniform(0, 1, 2) * [w, h])
-            if rng.random() < 0.6:
-                col = (rng.uniform(40, 80), rng.uniform(65, 100), rng.uniform(35, 60))
-                radius = int(rng.integers(2, 6))
-                cv2.circle(clutter, c, radius, col, -1)
-                cv2.circle(clutter_mask, c, radius, 1, -1)
-            else:
-                half = rng.uniform(2, 7, 2)
-                p0 = (int(c[0] - half[0]), int(c[1] - half[1]))
-                p1 = (int(c[0] + half[0]), int(c[1] + half[1]))
-                col = tuple(float(v) for v in rng.uniform(110, 180) + rng.uniform(-10, 10, 3))
-                cv2.rectangle(clutter, p0, p1, col, -1)
-                cv2.rectangle(clutter_mask, p0, p1, 1, -1)
-        on = (clutter_mask > 0) & (label == BACKGROUND)
-        image[on] = 0.3 * image[on] + 0.7 * clutter[on]
+        _add_clutter(rng, image, label, int(len(ys) / 1800))
 
     ys, xs = np.nonzero(label == WATER)
     if len(ys):
@@ -611,9 +616,8 @@ def _write_png_atomic(path: Path, array: np.ndarray) -> int:
     ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 3])
     if not ok:
         raise OSError(f"could not encode PNG for {path}")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(buf.tobytes())
     return len(buf)
 
 
@@ -640,9 +644,8 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _complete(out: Path, params: dict) -> bool:

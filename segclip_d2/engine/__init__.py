@@ -1,7 +1,7 @@
-"""Training machinery: trainer, train loop, optimizer, poly LR, hooks, data loader, launcher."""
+"""Training machinery: trainer, train loop, optimizer, poly LR, hooks, data loader (the launcher
+of every entry point is :mod:`segclip_d2.launch`)."""
 
 from .hooks import BestCheckpointer
-from .launch import launch
 from .lr_scheduler import WarmupPolyLR, build_lr_scheduler
 from .optimizer import build_gradient_clipper, build_optimizer
 from .trainer import SegCLIPTrainer, write_color_prediction
@@ -13,6 +13,5 @@ __all__ = [
     "build_gradient_clipper",
     "build_lr_scheduler",
     "build_optimizer",
-    "launch",
     "write_color_prediction",
 ]

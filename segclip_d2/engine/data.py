@@ -21,7 +21,17 @@ from detectron2.data.build import worker_init_reset_seed
 from detectron2.utils import comm
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
+from ..errors import UserError
+
 logger = logging.getLogger(__name__)
+
+# A sample the mapper could not read travels to the main process as this key (an exception
+# raised in a data worker would arrive wrapped, with the worker's traceback in its message).
+BAD_SAMPLE = "_unreadable"
+BAD_DATA_FIX = (
+    "replace or re-prepare that file (datasets/prepare_*.py), then continue with --resume; the "
+    "checkpoints written before are intact"
+)
 
 
 def position_seed(seed: int, position: int) -> int:
@@ -87,7 +97,13 @@ class PositionSeededDataset(Dataset):
         if self.seed is not None:
             seed_all(position_seed(self.seed, position))
         record = self.dataset_dicts[index]
-        out = self.mapper(record)
+        try:
+            out = self.mapper(record)
+        except (ValueError, OSError) as e:  # a corrupt, truncated or mismatching file
+            text = " ".join(str(e).split())
+            if record.get("file_name", "") not in text:
+                text = f"{record.get('file_name')}: {text}"
+            return {BAD_SAMPLE: text}
         if out is None:
             raise ValueError(f"{record.get('file_name')}: the dataset mapper returned None")
         return out
@@ -133,4 +149,35 @@ class ResumableTrainLoader:
 
     def _generate(self):
         logger.info(f"Building the training data loader (starting at iteration {self.start_iter})")
-        yield from self._build_fn(self.start_iter)
+        for batch in self._build_fn(self.start_iter):
+            for sample in batch:
+                if BAD_SAMPLE in sample:
+                    raise UserError("training data", sample[BAD_SAMPLE], BAD_DATA_FIX)
+            yield batch
+
+
+def check_labels_not_all_ignored(name: str, key: str) -> None:
+    """Some label of dataset ``name`` holds a class: labels that are all the ignore value train
+    nothing. Reads labels until one holds a class (usually the first)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from ..data.dataset_facts import IGNORE_LABEL
+    from ..data.mapper import read_class_png
+
+    ignore = MetadataCatalog.get(name).get("ignore_label", IGNORE_LABEL)
+    records = [r for r in DatasetCatalog.get(name) if "sem_seg_file_name" in r]
+    if not records:
+        raise UserError(key, f"dataset {name!r} has no labels to train on", BAD_DATA_FIX)
+    for r in records:
+        try:
+            label = read_class_png(r["sem_seg_file_name"], "label")
+        except ValueError as e:
+            raise UserError(key, " ".join(str(e).split()), BAD_DATA_FIX) from None
+        if (label != ignore).any():
+            return
+    raise UserError(
+        key,
+        f"dataset {name!r}: all {len(records)} labels hold only the ignore value {ignore} "
+        f"(e.g. {records[0]['sem_seg_file_name']}), nothing to learn",
+        "prepare the labels again (datasets/prepare_*.py maps the raw classes to train ids)",
+    )

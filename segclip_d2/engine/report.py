@@ -14,6 +14,8 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.events import EventWriter, get_event_storage
 
+from ..utils.atomic import atomic_output
+
 logger = logging.getLogger("segclip_d2.train")
 
 # Loss terms plotted and printed: the final prediction's and the guidance group's (the auxiliary
@@ -47,7 +49,9 @@ class TrainingLogPrinter(EventWriter):
 
     def write(self):
         storage = get_event_storage()
-        iteration = storage.iter
+        # After a finished run the trainer's iteration is max_iter (detectron2): the last step
+        # done is max_iter - 1.
+        iteration = min(storage.iter, self.max_iter - 1)
         if iteration + 1 >= self.max_iter and "time" not in storage.histories():
             return
         parts = [f"iter {iteration + 1}/{self.max_iter}"]
@@ -57,7 +61,7 @@ class TrainingLogPrinter(EventWriter):
             times = []
         if times:
             sec = statistics.median(times)
-            parts.append(f"eta {format_eta(sec * (self.max_iter - iteration - 1))}")
+            parts.append(f"eta {format_eta(max(0.0, sec * (self.max_iter - iteration - 1)))}")
             parts.append(f"{1.0 / sec:.2f} it/s" if sec > 0 else "- it/s")
         hist = storage.histories()
         if "lr" in hist:
@@ -100,10 +104,11 @@ def plot_curves(storage, path: str) -> bool:
     ax_miou.set_ylabel("mIoU (%)")
     ax_miou.set_title("validation mIoU")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
+    finally:
+        plt.close(fig)
     return True
 
 

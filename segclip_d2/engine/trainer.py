@@ -16,20 +16,24 @@ import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, TrainerBase, hooks
+from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.events import EventStorage
 from detectron2.utils.logger import setup_logger
 
 from .. import compat
 from ..checkpoint.card import build_model_card, card_config_fields
-from ..checkpoint.checkpointer import ModelCardCheckpointer, explain_weight_fetch_errors
+from ..checkpoint.checkpointer import explain_weight_fetch_errors
 from ..data.dataset_facts import get_facts
 from ..data.evaluator import build_evaluator as build_segclip_evaluator
 from ..data.mapper import build_test_mapper, build_train_mapper
 from ..errors import UserError
 from ..predict import SegInferencer, SegmentorWithInference
 from ..predict.optimize import channels_last_input, inference_copy
+from ..utils.atomic import atomic_output
 from ..utils.events import LazyJSONWriter
 from ..utils.hardware import EMULATED_BF16_SLOWDOWN, native_bf16_reason
+from .checkpointer import TrainingCheckpointer
 from .data import ResumableTrainLoader, build_train_loader
 from .hooks import BestCheckpointer
 from .lr_scheduler import build_lr_scheduler
@@ -149,7 +153,7 @@ class SegCLIPTrainer(DefaultTrainer):
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self._card_config = card_config_fields(cfg)  # the card's config part, read once
-        self.checkpointer = ModelCardCheckpointer(
+        self.checkpointer = TrainingCheckpointer(
             model, cfg.OUTPUT_DIR, card_fn=self._model_card, trainer=weakref.proxy(self)
         )
         self.start_iter = 0
@@ -158,6 +162,48 @@ class SegCLIPTrainer(DefaultTrainer):
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         self.register_hooks(self.build_hooks())
+
+    # ------------------------------------------------------------------ the loop
+    def train(self):
+        """Run the training; returns the last evaluation's results (or None).
+
+        detectron2's loop, except on an exception: then only the hooks that neither save nor
+        evaluate finish (no ``model_final.pth``, no evaluation of a diverged model), and a
+        :class:`~segclip_d2.errors.UserError` (divergence, disk full, corrupt label) is not
+        logged with a traceback; the entry point prints its one line.
+        """
+        self._run_loop(self.start_iter, self.max_iter)
+        results = getattr(self, "_last_eval_results", None)
+        if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process() and results:
+            verify_results(self.cfg, results)
+        return results
+
+    def _run_loop(self, start_iter: int, max_iter: int) -> None:
+        logger.info(f"Starting training from iteration {start_iter}")
+        self.iter = self.start_iter = start_iter
+        self.max_iter = max_iter
+        with EventStorage(start_iter) as self.storage:
+            try:
+                self.before_train()
+                for self.iter in range(start_iter, max_iter):
+                    self.before_step()
+                    self.run_step()
+                    self.after_step()
+                self.iter += 1  # == max_iter: the hooks' after_train see a finished run
+            except Exception as e:
+                if not isinstance(e, UserError):
+                    logger.exception("Exception during training:")
+                self._after_failed_train()
+                raise
+            self.after_train()
+
+    def _after_failed_train(self) -> None:
+        """``after_train`` of the hooks that neither checkpoint nor evaluate (timer, writers)."""
+        self.storage.iter = self.iter
+        skip = (hooks.PeriodicCheckpointer, hooks.EvalHook, BestCheckpointer)
+        for h in self._hooks:
+            if not isinstance(h, skip):
+                h.after_train()
 
     # ------------------------------------------------------------------ state
     def resume_or_load(self, resume: bool = True):
@@ -307,8 +353,7 @@ def write_color_prediction(cfg, model: torch.nn.Module, dataset_name: str, index
     }
     for kind, rgb in outputs.items():
         path = os.path.join(out_dir, f"{stem}_{kind}.png")
-        tmp = path + ".tmp.png"
-        if not cv2.imwrite(tmp, np.ascontiguousarray(rgb[:, :, ::-1])):
-            raise OSError(f"could not write {tmp}")
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            if not cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[:, :, ::-1])):
+                raise OSError(f"could not write {tmp}")
     return path
