@@ -10,7 +10,7 @@ setup:
 # print the per-class IoU table and write a colour prediction.
 train: setup
 	$(PY) train_net.py --config-file configs/synthetic/segclip_cpu.yaml --num-gpus 1 \
-		OUTPUT_DIR output/synthetic_cpu
+		--resume OUTPUT_DIR output/synthetic_cpu
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -238,19 +238,11 @@ def test_demo_rejects_a_checkpoint_that_does_not_fit_the_config(
     of running with the unmatched parameters left random."""
     import torch
 
-    cfg = demo.setup_cfg(
-        demo.get_parser().parse_args(
-            [
-                "--config-file",
-                str(tiny_config(tmp_path, "linear")),
-                "--input",
-                "x",
-                "--output",
-                "o",
-            ]
-        )
+    from segclip_d2.predict.load import load_model
+
+    _, model = load_model(
+        tiny_config(tmp_path, "linear"), allow_random_weights=True, optimize=False
     )
-    model, _ = demo.build_predictor(cfg)
     ckpt = tmp_path / "linear_head.pth"
     torch.save({"model": model.state_dict()}, ckpt)
     img = blank_png(tmp_path, 64)

@@ -144,10 +144,9 @@ def saved_weights(demo, config, path):
     """A checkpoint of the randomly initialised tiny model (so processes share weights)."""
     import torch
 
-    args = demo.get_parser().parse_args(
-        ["--config-file", str(config), "--input", "x"] + ["--output", "y"]
-    )
-    model, _ = demo.build_predictor(demo.setup_cfg(args))
+    from segclip_d2.predict.load import load_model
+
+    _, model = load_model(config, allow_random_weights=True, optimize=False)
     torch.save({"model": model.state_dict()}, path)
     return path
 

@@ -141,3 +141,12 @@ def test_download_for_py312_then_offline_install_into_a_fresh_folder(tmp_path):
         check=True,
     ).stdout
     assert out.startswith(str(target))
+
+
+@pytest.mark.slow
+def test_fp16_train_net_check_runs_and_passes_on_cpu(tmp_path):
+    """The GPU check's own code path, on the CPU (fp16 autocast + GradScaler there too): the
+    command line it runs is right, and its rows pass and say what they measured."""
+    rows = gpu_checks.check_fp16_train_net(tmp_path, device="cpu")
+    assert [r["result"] for r in rows] == ["PASS", "PASS"], rows
+    assert "6 iterations logged" in rows[1]["measured"]

@@ -2,7 +2,7 @@
 """The GPU checks of the acceptance run and their table (run by ``tools/gpu_acceptance.py``
 after the setup; it can be run alone on a set-up GPU machine):
 
-    PYTHONPATH=. python tools/gpu_checks.py [--checks op,amp100,ddp,train_speed,inference]
+    PYTHONPATH=. python tools/gpu_checks.py [--checks op,amp100,fp16_train_net,ddp,...]
 
 Every check prints one row per comparison: what was compared, the measured difference or
 figure, and the tolerance or target. The exit status is 1 when any check fails (a crashing
@@ -174,6 +174,39 @@ def check_amp100(tmp: Path) -> list[dict]:
     ]
 
 
+def check_fp16_train_net(tmp: Path, device: str = "cuda") -> list[dict]:
+    """6 iterations of ``train_net.py`` itself under fp16 autocast with the GradScaler (what
+    ``SOLVER.AMP.DTYPE auto`` picks on GPUs without bf16), whatever ``auto`` picks here."""
+    import json
+
+    out = tmp / f"fp16_train_net_{device}"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env.update(DETECTRON2_DATASETS=str(tmp / "datasets_fp16"), SEGCLIP_SYNTHETIC_NUM_TRAIN="4",
+               SEGCLIP_SYNTHETIC_NUM_VAL="2", SEGCLIP_SYNTHETIC_SIZE="64")  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "train_net.py"), "--config-file",
+           str(ROOT / "configs/synthetic/segclip_cpu.yaml"), "--num-gpus", "1",
+           "MODEL.DEVICE", device, "MODEL.SEGCLIP.TEXT.PRETRAINED", "",
+           "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.DTYPE", "float16", "SOLVER.MAX_ITER", "6",
+           "SOLVER.IMS_PER_BATCH", "2", "INPUT.CROP.SIZE", "(64, 64)",
+           "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0",
+           "OUTPUT_DIR", str(out)]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    last = (proc.stderr.strip().splitlines() or [""])[-1][:70]
+    said = f"exit {proc.returncode}, {seconds:.0f} s" + (f": {last}" if proc.returncode else "")
+    rows = [_row("fp16 AMP train_net.py 6 it: exit 0", proc.returncode == 0, said, "exit 0")]
+    metrics = out / "metrics.json"
+    records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    iters = max((r.get("iteration", -1) for r in records), default=-1) + 1
+    scaled = any("amp_skipped_steps" in r for r in records)
+    ok = (out / "model_final.pth").is_file() and iters == 6 and scaled
+    rows.append(_row("fp16 AMP train_net.py 6 it: model_final.pth, scaler ran", ok,
+                     f"{iters} iterations logged, amp_skipped_steps logged: {scaled}",
+                     "6 iterations, GradScaler in use"))  # fmt: skip
+    return rows
+
+
 def update_rel_diff(init: dict, one: dict, two: dict) -> float:
     """|update_two - update_one| / |update_one| over the floating-point entries of ``init``
     (the updates: trained weights minus ``init``)."""
@@ -299,7 +332,7 @@ def check_inference(
     return rows
 
 
-CHECKS = ("op", "amp100", "ddp", "train_speed", "inference")
+CHECKS = ("op", "amp100", "fp16_train_net", "ddp", "train_speed", "inference")
 
 
 def run_checks(names: list[str]) -> int:
@@ -312,6 +345,7 @@ def run_checks(names: list[str]) -> int:
         steps = {
             "op": check_op,
             "amp100": lambda: check_amp100(tmp),
+            "fp16_train_net": lambda: check_fp16_train_net(tmp),
             "ddp": lambda: check_ddp(tmp, num_gpus),
             "train_speed": lambda: check_train_speed(tmp),
             "inference": check_inference,
