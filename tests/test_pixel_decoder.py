@@ -1,4 +1,4 @@
-"""MSDeformAttnPixelDecoder: shapes, tiny GroupNorm widths, reference points, registry, gradients."""
+"""MSDeformAttnPixelDecoder: shapes, tiny GroupNorm widths, reference points, registry, grads."""
 
 import pytest
 import torch
