@@ -291,23 +291,29 @@ def test_mask_logits_equals_einsum_for_every_layout(layout):
 
 
 @pytest.mark.parametrize("guidance", [False, True])
-def test_decoder_masks_transform_equals_the_plain_decoder(guidance):
+def test_decoder_masks_transform_equals_the_plain_decoder(plain, guidance):
     """On the decoder alone (channels-last mask features: the batched-matmul route) and with a
     GTG group: same outputs; with autograd the plain computation runs."""
-    from test_decoder import _decoder, _guidance, _inputs
-
-    dec = _decoder().eval()
-    x, mf, text = _inputs()
-    mf = mf.contiguous(memory_format=torch.channels_last)
-    g = _guidance() if guidance else None
+    images = torch.stack([_image(64, 96, seed=5).float()])
+    with torch.no_grad():
+        mask_features, maps = plain.pixel_decoder(plain.backbone(plain._normalize(images)))
+        text = plain.text_embeddings()
+    mask_features = mask_features.contiguous(memory_format=torch.channels_last)
+    g = None
+    if guidance:
+        masks = torch.zeros(2, 64, 96, dtype=torch.bool)
+        masks[0, :, :40], masks[1, 30:] = True, True
+        g = {"classes": [torch.tensor([1, 4])], "masks": [masks]}
+    dec = plain.transformer_decoder
     fast = copy.deepcopy(dec)
     opt.fast_decoder_masks(fast)
     opt.fast_decoder_masks(fast)  # idempotent
     assert type(fast).__mro__[1:3] == (opt.FastDecoderMasks, type(dec))
     with torch.no_grad():
-        expected, got = dec(x, mf, text, g), fast(x, mf, text, g)
+        expected, got = dec(maps, mask_features, text, g), fast(maps, mask_features, text, g)
+    assert (expected["guidance"] is not None) == guidance
     for key in ("pred_logits", "pred_masks"):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
     assert fast._resized_features is None  # nothing kept between forwards
-    with_grad = fast(x, mf, text, g)
+    with_grad = fast(maps, mask_features, text, g)
     torch.testing.assert_close(with_grad["pred_masks"], expected["pred_masks"], rtol=0, atol=0)
