@@ -187,19 +187,31 @@ def test_guidance_uses_fixed_assignment():
 
 
 def test_guidance_padding_slots_are_not_scored():
+    """A padding slot's class and mask predictions change no guidance loss (class, mask BCE,
+    dice), while a valid slot's mask does: same seed for every call (the points are sampled)."""
     crit = _criterion(deep_supervision=False)
     seg = torch.zeros(2, 32, 32, dtype=torch.int64)
     seg[0, :8] = 1  # image 0: classes [0, 1]; image 1: [0]
     targets = _targets_from_sem_seg(seg)
     out = _outputs(num_aux=0, guidance_t=2)
     out["guidance"]["valid"] = torch.tensor([[True, True], [True, False]])
-    base = crit(out, targets)
+    keys = ("loss_gtg_ce", "loss_gtg_mask", "loss_gtg_dice")
+
+    def losses():
+        torch.manual_seed(0)
+        result = crit(out, targets)
+        return {k: result[k].item() for k in keys}
+
+    base = losses()
     with torch.no_grad():  # change only the padding slot's prediction
-        out["guidance"]["pred_logits"][1, 1] += 50.0
+        out["guidance"]["pred_logits"][1, 1, 0] += 50.0  # one class: the softmax moves
         out["guidance"]["pred_masks"][1, 1] -= 50.0
-    torch.manual_seed(0)
-    changed = crit(out, targets)
-    assert changed["loss_gtg_ce"].item() == pytest.approx(base["loss_gtg_ce"].item(), rel=1e-6)
+    assert losses() == pytest.approx(base, rel=1e-6, abs=0)
+    with torch.no_grad():  # a valid slot's mask is scored
+        out["guidance"]["pred_masks"][1, 0] -= 50.0
+    moved = losses()
+    assert moved["loss_gtg_mask"] > base["loss_gtg_mask"] + 1
+    assert moved["loss_gtg_dice"] != pytest.approx(base["loss_gtg_dice"], rel=1e-3)
     bad = torch.tensor([[True, True], [False, True]])
     out["guidance"]["valid"] = bad
     with pytest.raises(ValueError, match="valid"):

@@ -25,19 +25,21 @@ def test_registry_names_both_decoders_and_default_is_segclip():
     cfg = tiny_cfg()
     assert cfg.MODEL.SEGCLIP.TRANSFORMER_DECODER_NAME == "SegCLIPTransformerDecoder"
     torch.manual_seed(0)
-    assert type(build_model(cfg).predictor) is SegCLIPTransformerDecoder
+    assert type(build_model(cfg).transformer_decoder) is SegCLIPTransformerDecoder
 
 
 def test_baseline_builds_runs_forward_and_backward():
     torch.manual_seed(0)
     cfg = tiny_cfg(TRANSFORMER_DECODER_NAME=BASELINE, **{"GT_GUIDANCE.ENABLED": False})
     model = build_model(cfg)
-    dec = model.predictor
+    dec = model.transformer_decoder
     assert type(dec) is Mask2FormerTransformerDecoder
+    assert model.text_encoder is None and model.text_embeddings() is None  # no CLIP at all
     keys = set(model.state_dict())
     # learnable queries instead of text queries, no CFF
-    assert {"predictor.query_feat.weight", "predictor.query_embed.weight"} <= keys
-    assert not any(k.startswith(("predictor.text_queries.", "predictor.cff.")) for k in keys)
+    prefix = "transformer_decoder."
+    assert {prefix + "query_feat.weight", prefix + "query_embed.weight"} <= keys
+    assert not any(k.startswith((prefix + "text_queries.", prefix + "cff.")) for k in keys)
     model.train()
     losses = model([_train_input(64, 64, [0, 2, 5]), _train_input(64, 64, [1], seed=1)])
     total = sum(losses.values())
@@ -51,11 +53,20 @@ def test_baseline_builds_runs_forward_and_backward():
     assert out.shape == (7, 61, 90) and torch.isfinite(out).all()
 
 
-def test_baseline_rejects_ground_truth_guidance():
-    torch.manual_seed(0)
-    model = build_model(tiny_cfg(TRANSFORMER_DECODER_NAME=BASELINE)).train()
+def test_baseline_rejects_ground_truth_guidance_when_built():
     with pytest.raises(ValueError, match="GT_GUIDANCE.ENABLED"):
-        model([_train_input(64, 64, [0, 2])])
+        build_model(tiny_cfg(TRANSFORMER_DECODER_NAME=BASELINE))  # GTG on by default
+
+
+def test_baseline_with_the_text_class_head_builds_the_text_encoder():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(
+        TRANSFORMER_DECODER_NAME=BASELINE, CLASS_HEAD="text", **{"GT_GUIDANCE.ENABLED": False}
+    )
+    model = build_model(cfg).eval()
+    assert model.text_encoder is not None and model.transformer_decoder.needs_text
+    with torch.no_grad():
+        assert model([{"image": _image(64, 64)}])[0]["sem_seg"].shape == (7, 64, 64)
 
 
 @pytest.mark.slow
@@ -70,7 +81,7 @@ def test_baseline_config_trains_on_the_synthetic_set(tiny_synthetic, tmp_path): 
     )
     assert cfg.MODEL.SEGCLIP.TRANSFORMER_DECODER_NAME == BASELINE
     trainer, losses = _train(cfg)
-    assert type(trainer.model.predictor) is Mask2FormerTransformerDecoder
+    assert type(trainer.model.transformer_decoder) is Mask2FormerTransformerDecoder
     assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, f"loss did not fall clearly: {first:.2f} -> {last:.2f}"

@@ -135,9 +135,9 @@ def test_train_forward_returns_finite_losses_and_backward_works():
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert model.text_encoder.num_encoder_calls <= max(calls, 1)  # GTG indexes the cache
-    grads = [p.grad for p in model.predictor.parameters() if p.requires_grad]
+    grads = [p.grad for p in model.transformer_decoder.parameters() if p.requires_grad]
     assert all(g is None or torch.isfinite(g).all() for g in grads)
-    assert model.predictor.text_queries.text_proj.weight.grad.abs().sum() > 0
+    assert model.transformer_decoder.text_queries.text_proj.weight.grad.abs().sum() > 0
     assert model.backbone.res2[0].conv1.weight.grad.abs().sum() > 0
 
     model.zero_grad()
@@ -156,8 +156,10 @@ def test_gtg_and_cff_switches_keep_checkpoints_interchangeable(model):
     no_cff = build(seed=4, CFF_ENABLED=False)
     assert set(no_gtg.state_dict()) == keys
     # CFF off builds no CFF module (DDP would see unused parameters); everything else loads
-    assert keys - set(no_cff.state_dict()) == {k for k in keys if k.startswith("predictor.cff.")}
-    assert any(k.startswith("predictor.cff.") for k in keys)
+    assert keys - set(no_cff.state_dict()) == {
+        k for k in keys if k.startswith("transformer_decoder.cff.")
+    }
+    assert any(k.startswith("transformer_decoder.cff.") for k in keys)
     # the frozen CLIP text tower is not part of the checkpoint
     assert not any(k.startswith("text_encoder.") for k in keys)
 
@@ -208,25 +210,70 @@ def test_low_and_full_resolution_postprocess_agree(model):
     assert (low - full).abs().mean() < 0.05 * full.abs().mean()
 
 
-@pytest.mark.parametrize("size", [(61, 90), (64, 96)])
-def test_refined_pixels_equal_the_full_resolution_path(model, monkeypatch, size):
-    """Refining every pixel must reproduce the full-resolution post-processing exactly (an odd,
-    non-divisible size exercises padding, cropping and border clamping; a divisible one the
-    in-place write into the uncropped scores); refining none leaves the plain low-resolution
-    combination."""
-    images = torch.stack([_image(*size, seed=4).float()])
+@pytest.mark.parametrize("postprocess", ["low", "full"])
+def test_semantic_inference_is_the_formula_of_segclip_md(model, monkeypatch, postprocess):
+    """Every pixel: sum over queries of softmax(class)[:K] * sigmoid(mask), the K maps upsampled
+    ("low", SEGCLIP.md) or the N mask logits upsampled first ("full"), padding cropped."""
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(model, "postprocess", postprocess)
+    images = torch.stack([_image(61, 90, seed=4).float()])
+    outputs = []
+    model.transformer_decoder.register_forward_hook(lambda m, a, o: outputs.append(o))
     with torch.no_grad():
-        model.postprocess = "full"
-        try:
-            full = model.predict_sem_seg_probs(images)
-        finally:
-            model.postprocess = "low"
-        monkeypatch.setattr(model, "refine_fraction", 1.0)
-        all_refined = model.predict_sem_seg_probs(images)
-        monkeypatch.setattr(model, "refine_fraction", 0.0)
-        plain = model.predict_sem_seg_probs(images)
-    torch.testing.assert_close(all_refined, full, rtol=1e-5, atol=1e-5)
-    assert (plain - full).abs().max() > 1e-4  # the refinement is what makes them equal
+        got = model.predict_sem_seg_probs(images)
+    model.transformer_decoder._forward_hooks.clear()
+    cls = outputs[0]["pred_logits"].softmax(-1)[..., :-1]  # (1, N, K)
+    masks = outputs[0]["pred_masks"]  # (1, N, 64/4, 96/4): padded to 64 x 96
+
+    def up(x):
+        return F.interpolate(x, size=(64, 96), mode="bilinear", align_corners=False)
+
+    if postprocess == "low":
+        expected = up(torch.einsum("bqk,bqhw->bkhw", cls, masks.sigmoid()))
+    else:
+        expected = torch.einsum("bqk,bqhw->bkhw", cls, up(masks).sigmoid())
+    torch.testing.assert_close(got, expected[:, :, :61, :90], rtol=1e-6, atol=1e-6)
+
+
+def test_checkpoints_with_the_old_decoder_name_load(model):
+    """State dicts written when the transformer decoder was called ``predictor`` load into
+    ``transformer_decoder`` (strictly: every key mapped, none missing)."""
+    new = model.state_dict()
+    old = {k.replace("transformer_decoder.", "predictor.", 1): v for k, v in new.items()}
+    assert any(k.startswith("predictor.") for k in old)
+    fresh = build(seed=11)
+    assert not torch.equal(
+        fresh.transformer_decoder.mask_embed.layers[0].weight,
+        model.transformer_decoder.mask_embed.layers[0].weight,
+    )
+    fresh.load_state_dict(old)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, new[k]), k
+    wrapped = torch.nn.ModuleDict({"segclip": build(seed=12)})  # nested: prefix kept
+    wrapped.load_state_dict({f"segclip.{k}": v for k, v in old.items()})
+    assert torch.equal(wrapped["segclip"].pixel_mean, model.pixel_mean)
+    torch.testing.assert_close(
+        wrapped["segclip"].transformer_decoder.decoder_norm.weight,
+        model.transformer_decoder.decoder_norm.weight,
+    )
+
+
+def test_the_checkpointer_loads_an_old_checkpoint_without_missing_keys(model, tmp_path, caplog):
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    old = {
+        k.replace("transformer_decoder.", "predictor.", 1): v for k, v in model.state_dict().items()
+    }
+    torch.save({"model": old}, tmp_path / "old.pth")
+    fresh = build(seed=13)
+    with caplog.at_level("WARNING"):
+        DetectionCheckpointer(fresh).load(str(tmp_path / "old.pth"))
+    assert "not found" not in caplog.text and "predictor" not in caplog.text, caplog.text
+    torch.testing.assert_close(
+        fresh.transformer_decoder.class_head.linear.weight,
+        model.transformer_decoder.class_head.linear.weight,
+    )
 
 
 def test_bgr_input_format_is_rejected():

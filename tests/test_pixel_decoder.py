@@ -1,4 +1,4 @@
-"""MSDeformAttnPixelDecoder: shapes, tiny GroupNorm widths, padding masks, registry, gradients."""
+"""MSDeformAttnPixelDecoder: shapes, tiny GroupNorm widths, reference points, registry, grads."""
 
 import pytest
 import torch
@@ -60,35 +60,21 @@ def test_output_shapes_and_order(conv_dim):
     assert torch.isfinite(mask_features).all()
 
 
-def test_all_false_padding_mask_equals_no_mask_and_padding_changes_output():
-    dec = _decoder()
-    f = _features(2, 64, 64)
-    ref_mf, ref_ms = dec(f)
-    mf, ms = dec(f, torch.zeros(2, 64, 64, dtype=torch.bool))
-    torch.testing.assert_close(mf, ref_mf)
-    for a, b in zip(ms, ref_ms):
-        torch.testing.assert_close(a, b)
-    pad = torch.zeros(2, 64, 64, dtype=torch.bool)
-    pad[0, 32:] = True  # image 0 has only its top half valid
-    mf_p, _ = dec(f, pad)
-    assert not torch.allclose(mf_p[0], ref_mf[0], atol=1e-4)
-    torch.testing.assert_close(mf_p[1], ref_mf[1])  # image 1 is unpadded: unchanged
-
-
-def test_valid_ratios_and_reference_points():
-    mask = torch.zeros(1, 4, 8, dtype=torch.bool)
-    mask[:, 2:, :] = True  # bottom half padded
-    mask[:, :, 6:] = True  # right quarter padded
-    ratios = MSDeformAttnEncoder.valid_ratios(mask)
-    torch.testing.assert_close(ratios, torch.tensor([[0.75, 0.5]]))
-    valid = torch.ones(1, 2, 2)  # two levels, no padding
-    ref = MSDeformAttnEncoder.reference_points([(2, 2), (1, 2)], valid, "cpu")
-    assert ref.shape == (1, 6, 2, 2)
-    # pixel centres normalised to [0, 1] as (x, y)
+def test_reference_points_are_normalised_pixel_centres():
+    ref = MSDeformAttnEncoder.reference_points([(2, 2), (1, 2)], "cpu")
+    assert ref.shape == (6, 2) and ref.dtype == torch.float32
+    # pixel centres normalised to [0, 1] as (x, y), level after level
     torch.testing.assert_close(
-        ref[0, :4, 0], torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
+        ref[:4], torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
     )
-    torch.testing.assert_close(ref[0, 4:, 1], torch.tensor([[0.25, 0.5], [0.75, 0.5]]))
+    torch.testing.assert_close(ref[4:], torch.tensor([[0.25, 0.5], [0.75, 0.5]]))
+
+
+def test_the_decoder_takes_no_padding_mask():
+    """Padded image positions are image content (as in Mask2Former); nothing else is accepted."""
+    dec = _decoder()
+    with pytest.raises(TypeError):
+        dec(_features(1, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
 
 
 def test_gradients_reach_every_input_level():
@@ -127,7 +113,7 @@ def test_built_from_config_registry():
 def test_chunked_encoder_and_cpu_kernels_equal_plain_decoder(impl, bf16):
     """optimize_for_inference's pixel-decoder transforms (encoder layers in token chunks with the
     values projected once, oneDNN linear and short-row softmax) give the plain decoder's outputs
-    (chunks of 7 tokens: uneven, smaller than every level, with padding), fp32 and bf16."""
+    (chunks of 7 tokens: uneven, smaller than every level), fp32 and bf16."""
     import copy
 
     from segclip_d2.predict.optimize import (
@@ -141,8 +127,6 @@ def test_chunked_encoder_and_cpu_kernels_equal_plain_decoder(impl, bf16):
         for p in dec.parameters():  # move the deformable attention away from its init
             p.add_(0.05 * torch.randn_like(p))
     feats = _features(2, 64, 96)
-    padding = torch.zeros(2, 64, 96, dtype=torch.bool)
-    padding[1, 40:, :] = True
     fast = copy.deepcopy(dec)
     assert chunk_encoder_layers(fast, chunk_tokens=7) == len(dec.transformer.layers)
     install_cpu_kernels(fast)
@@ -150,8 +134,8 @@ def test_chunked_encoder_and_cpu_kernels_equal_plain_decoder(impl, bf16):
     assert fast.state_dict().keys() == dec.state_dict().keys()
     tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-5)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        mf_ref, outs_ref = dec(feats, padding)
-        mf, outs = fast(feats, padding)
+        mf_ref, outs_ref = dec(feats)
+        mf, outs = fast(feats)
     torch.testing.assert_close(mf.float(), mf_ref.float(), **tol)
     for o, r in zip(outs, outs_ref):
         torch.testing.assert_close(o.float(), r.float(), **tol)

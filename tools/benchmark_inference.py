@@ -77,7 +77,7 @@ def mode_ab(args) -> None:
     msda_mod.ms_deform_attn = timed_op
     starts = {}
     for model in (fast, base):
-        for name in ("backbone", "pixel_decoder", "predictor"):
+        for name in ("backbone", "pixel_decoder", "transformer_decoder"):
             mod = getattr(model, name)
             mod.register_forward_pre_hook(
                 lambda m, i, n=name: starts.__setitem__(n, time.perf_counter())

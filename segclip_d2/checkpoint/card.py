@@ -105,18 +105,23 @@ def build_model_card(
     colors = list(getattr(meta, "stuff_colors", None) or []) if meta is not None else []
     if len(colors) != len(names):
         colors = []
-    with torch.no_grad():
-        embeddings = model.text_embeddings().detach().float().cpu()  # (K, D)
+    text = {"prompt_template": None, "prompts": None, "text_encoder": None, "text_embeddings": None}
+    if encoder is not None:  # None: a decoder that reads no text (Mask2Former baseline)
+        with torch.no_grad():
+            embeddings = model.text_embeddings().detach().float().cpu()  # (K, D)
+        text = {
+            "prompt_template": encoder.prompt_template,
+            "prompts": encoder.prompts(names),
+            "text_encoder": encoder.identity(),
+            "text_embeddings": embeddings.tolist(),
+        }
     fields["training"]["iteration"] = iteration
     return {
         "format": CARD_FORMAT,
         "project_version": project_version(),
         "class_names": names,
         "colors": [[int(v) for v in c] for c in colors],
-        "prompt_template": encoder.prompt_template,
-        "prompts": encoder.prompts(names),
-        "text_encoder": encoder.identity(),
-        "text_embeddings": embeddings.tolist(),
+        **text,
         **fields,
         "metrics": dict(metrics or {}),
     }

@@ -12,9 +12,8 @@ The output is at the input resolution S, not the stride-4 mask resolution: Deepn
 output smaller than the tile as a centred crop (it does not resize), and the upsampling inside
 the graph is cheap next to the network (K channels, done once), so every consumer gets
 pixel-aligned probabilities without a resize step of its own. Inside, the graph is the model's
-own "low" post-processing: classes and masks are combined at stride 4, upsampled, the most
-ambiguous pixels recomputed from full-resolution mask logits, and the scores divided by their
-sum over K (argmax unchanged).
+own post-processing (``SegCLIP.semantic_inference``), the scores divided by their sum over K
+(argmax unchanged).
 
 Only standard ONNX operators are used: the deformable attention runs through its
 ``grid_sample`` reference form (``GridSample``, opset >= 16), no custom op library. Every float
@@ -31,7 +30,6 @@ import warnings
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -108,7 +106,8 @@ class SegCLIPProbabilities(nn.Module):
         self.model = model
         self.tile_size = int(tile_size)
         with torch.no_grad():
-            emb = model.text_embeddings().detach().float().clone()  # (K, D)
+            emb = model.text_embeddings()  # (K, D), None without text encoder
+            emb = None if emb is None else emb.detach().float().clone()
         self.register_buffer("text_embeddings", emb, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,12 +115,8 @@ class SegCLIPProbabilities(nn.Module):
         size = (self.tile_size, self.tile_size)
         features = m.backbone(x)
         mask_features, multi_scale = m.pixel_decoder(features)
-        out = m.predictor(multi_scale, mask_features, self.text_embeddings)
-        cls = out["pred_logits"].float().softmax(-1)[..., :-1]  # (B, N, K)
-        masks = out["pred_masks"].float()  # (B, N, S/4, S/4)
-        probs = torch.einsum("bqk,bqhw->bkhw", cls, masks.sigmoid())
-        probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
-        probs = m._refine_ambiguous(probs, cls, masks, size)  # (B, K, S, S)
+        out = m.transformer_decoder(multi_scale, mask_features, self.text_embeddings)
+        probs = m.semantic_inference(out["pred_logits"], out["pred_masks"], size)  # (B, K, S, S)
         return probs / probs.sum(1, keepdim=True).clamp_min(1e-12)
 
 

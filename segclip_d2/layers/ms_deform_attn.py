@@ -57,7 +57,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 logger = logging.getLogger(__name__)
 
@@ -247,22 +246,6 @@ def _ms_deform_attn_op(
     return _forward_kernel(value, spatial_shapes, sampling_locations, attention_weights)
 
 
-def _plain_eager_inference(*tensors: torch.Tensor) -> bool:
-    """Whether nothing could observe an operator call: no tracer (torch.compile, torch.export,
-    torch.jit.trace), no dispatch or function mode (fake tensors, FLOP counters), no tensor
-    subclass, no gradient. Then :func:`ms_deform_attn` calls the operator's kernel directly,
-    skipping the dispatcher's Python custom-op layers (0.1-0.3 ms per call here, ~66 calls in a
-    1024x1024 forward); the result is the same."""
-    return (
-        not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and _get_current_dispatch_mode() is None
-        and not torch._C._is_torch_function_mode_enabled()
-        and all(type(t) is torch.Tensor for t in tensors)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-    )
-
-
 def _output_dtype(value: torch.Tensor, sampling_locations: torch.Tensor) -> torch.dtype:
     return torch.float32 if value.dtype == torch.bfloat16 else value.dtype
 
@@ -444,10 +427,7 @@ def ms_deform_attn(
     attn = attention_weights.to(compute_dtype)
     if not compiled_reads_bf16(value):  # else the kernel reads the bf16 values as they are
         value = value.to(compute_dtype)
-    if _plain_eager_inference(value, loc, attn):
-        out = _forward_kernel(value, flat, loc, attn)
-    else:
-        out = torch.ops.segclip_d2.ms_deform_attn(value, flat, loc, attn)
+    out = torch.ops.segclip_d2.ms_deform_attn(value, flat, loc, attn)
     return out.to(out_dtype)
 
 
@@ -460,18 +440,6 @@ def compiled_reads_bf16(value: torch.Tensor) -> bool:
         and _C is not None
         and not (torch.is_grad_enabled() and value.requires_grad)
     )
-
-
-def _softmax_last_(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension. Without autograd it overwrites ``x`` (fp32 ``x``; a
-    reduced-precision ``x`` is first copied to fp32) with
-    exp(x - max) / sum: for the short rows here (L * P = 12) that is ~6x faster on CPU than
-    ``Tensor.softmax``, whose kernel vectorises along the row."""
-    if torch.is_grad_enabled():
-        return x.softmax(-1)
-    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    x = x.sub_(x.amax(-1, keepdim=True)).exp_()
-    return x.div_(x.sum(-1, keepdim=True))
 
 
 class MSDeformAttn(nn.Module):

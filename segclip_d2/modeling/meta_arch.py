@@ -22,6 +22,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import ImageList
 from torch import nn
 
+from segclip_d2.checkpoint.pretrained import embed_dim_of
+
 from .criterion import build_criterion
 from .pixel_decoder import build_pixel_decoder
 from .text_encoder import FrozenCLIPTextEncoder
@@ -39,18 +41,21 @@ class SegCLIP(nn.Module):
     Args:
         backbone: detectron2 backbone with the pixel decoder's input features.
         pixel_decoder: (features) -> (mask_features, multi_scale_features).
-        predictor: a transformer decoder from ``TRANSFORMER_DECODER_REGISTRY`` (SegCLIP's by
-            default, see :class:`~.transformer_decoder.SegCLIPTransformerDecoder`).
+        transformer_decoder: a transformer decoder from ``TRANSFORMER_DECODER_REGISTRY``
+            (SegCLIP's by default, see :class:`~.transformer_decoder.SegCLIPTransformerDecoder`).
+            Checkpoints written when it was called ``predictor`` load unchanged (their
+            ``predictor.*`` keys are read as ``transformer_decoder.*``).
         criterion: (outputs, targets) -> dict of weighted losses.
         text_encoder: frozen CLIP text encoder, ``(class_names) -> (K, D)``, caching per
-            vocabulary.
+            vocabulary; None for a decoder that reads no text (the Mask2Former baseline with
+            the linear class head).
         class_names: the vocabulary (K names, the training dataset's ``stuff_classes``).
         pixel_mean, pixel_std: RGB normalisation.
         size_divisibility: pad images to a multiple of this.
         class_head: "linear" or "text" (only "text" allows :meth:`set_vocabulary`).
-        gt_guidance: add the GTG group in training.
-        postprocess: "low" (combine classes and masks at stride 4, then upsample K channels)
-            or "full" (upsample the N mask logits first).
+        gt_guidance: add the GTG group in training (only for a decoder with text queries).
+        postprocess: "low" (SEGCLIP.md: combine classes and masks at stride 4, then upsample the
+            K class maps) or "full" (Mask2Former: upsample the N mask logits first).
     """
 
     @configurable
@@ -59,9 +64,9 @@ class SegCLIP(nn.Module):
         *,
         backbone: Backbone,
         pixel_decoder: nn.Module,
-        predictor: MaskedAttentionDecoder,
+        transformer_decoder: MaskedAttentionDecoder,
         criterion: nn.Module,
-        text_encoder: nn.Module,
+        text_encoder: nn.Module | None,
         class_names: Sequence[str],
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
@@ -77,9 +82,16 @@ class SegCLIP(nn.Module):
             )
         if len(class_names) == 0:
             raise ValueError("SegCLIP needs at least one class name")
+        if gt_guidance and not transformer_decoder.supports_guidance:
+            raise ValueError(
+                f"{type(transformer_decoder).__name__} has no text queries, so ground-truth text "
+                "guidance does not apply: set MODEL.SEGCLIP.GT_GUIDANCE.ENABLED False"
+            )
+        if text_encoder is None and transformer_decoder.needs_text:
+            raise ValueError(f"{type(transformer_decoder).__name__} needs a text encoder")
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
-        self.predictor = predictor
+        self.transformer_decoder = transformer_decoder
         self.criterion = criterion
         self.text_encoder = text_encoder
         self.class_names = list(class_names)
@@ -112,17 +124,17 @@ class SegCLIP(nn.Module):
             )
         backbone = build_backbone(cfg)
         pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
-        text_encoder = FrozenCLIPTextEncoder(cfg)
-        predictor = build_transformer_decoder(
+        transformer_decoder = build_transformer_decoder(
             cfg,
             in_channels=cfg.MODEL.SEGCLIP.PIXEL_DECODER.CONVS_DIM,
-            text_dim=text_encoder.embed_dim,
+            text_dim=embed_dim_of(cfg.MODEL.SEGCLIP.TEXT.MODEL_NAME),
             num_train_classes=len(class_names),
         )
+        text_encoder = FrozenCLIPTextEncoder(cfg) if transformer_decoder.needs_text else None
         return {
             "backbone": backbone,
             "pixel_decoder": pixel_decoder,
-            "predictor": predictor,
+            "transformer_decoder": transformer_decoder,
             "criterion": build_criterion(cfg, len(class_names)),
             "text_encoder": text_encoder,
             "class_names": class_names,
@@ -134,6 +146,13 @@ class SegCLIP(nn.Module):
             "postprocess": cfg.MODEL.SEGCLIP.POSTPROCESS,
         }
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the rename call the transformer decoder "predictor"
+        old = prefix + "predictor."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[prefix + "transformer_decoder." + key[len(old) :]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
@@ -144,9 +163,11 @@ class SegCLIP(nn.Module):
         return len(self.class_names)
 
     # ------------------------------------------------------------------ vocabulary
-    def text_embeddings(self) -> torch.Tensor:
+    def text_embeddings(self) -> torch.Tensor | None:
         """(K, D) frozen class text embeddings of the current vocabulary (cached by the
-        encoder: computed once per vocabulary)."""
+        encoder: computed once per vocabulary); None for a model without text encoder."""
+        if self.text_encoder is None:
+            return None
         emb = self.text_encoder(self.class_names)
         if emb.dim() != 2 or emb.shape[0] != self.vocabulary_size:
             raise RuntimeError(
@@ -165,7 +186,7 @@ class SegCLIP(nn.Module):
         names = [str(n) for n in class_names]
         if not names:
             raise ValueError("set_vocabulary() needs at least one class name")
-        self.predictor.check_vocabulary(len(names))
+        self.transformer_decoder.check_vocabulary(len(names))
         self.class_names = names
         self.text_embeddings()  # encode once now; later calls hit the encoder's cache
         logger.info("SegCLIP vocabulary set to %d classes: %s", len(names), names)
@@ -178,7 +199,9 @@ class SegCLIP(nn.Module):
         """(B, 3, H, W) normalised, padded images -> decoder outputs (interface C)."""
         features = self.backbone(images)
         mask_features, multi_scale = self.pixel_decoder(features)
-        return self.predictor(multi_scale, mask_features, self.text_embeddings(), guidance)
+        return self.transformer_decoder(
+            multi_scale, mask_features, self.text_embeddings(), guidance
+        )
 
     def predict_sem_seg_probs(self, images: torch.Tensor) -> torch.Tensor:
         """Class scores of a batch.
@@ -202,55 +225,31 @@ class SegCLIP(nn.Module):
         # The softmax, sigmoid and class-mask combination run in fp32 even under bf16/fp16
         # autocast: they decide the argmax and are cheap next to the network.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            cls = out["pred_logits"].float().softmax(-1)[..., :-1]  # (B, N, K)
-            masks = out["pred_masks"].float()  # (B, N, ph/4, pw/4)
-            if self.postprocess == "full":
-                masks = F.interpolate(masks, size=(ph, pw), mode="bilinear", align_corners=False)
-                return torch.einsum("bqk,bqhw->bkhw", cls, masks[:, :, :h, :w].sigmoid())
-            probs = torch.einsum("bqk,bqhw->bkhw", cls, masks.sigmoid())  # (B, K, ph/4, pw/4)
-            probs = F.interpolate(probs, size=(ph, pw), mode="bilinear", align_corners=False)
-            probs = probs[:, :, :h, :w]
-            return self._refine_ambiguous(probs, cls, masks, (ph, pw))
+            probs = self.semantic_inference(out["pred_logits"], out["pred_masks"], (ph, pw))
+        return probs[:, :, :h, :w]
 
-    # Fraction of pixels recomputed exactly by ``_refine_ambiguous``.
-    refine_fraction = 0.05
-
-    def _refine_ambiguous(self, probs, cls, masks, padded_size):
-        """Recompute the full-resolution scores at the most ambiguous pixels.
-
-        Combining classes and masks at stride 4 and upsampling K channels differs from the
-        full-resolution path (upsample N mask logits, then sigmoid) only near class boundaries.
-        The ``refine_fraction`` of pixels with the smallest top-1/top-2 margin get the exact
-        full-resolution value: their mask logits are sampled bilinearly (``grid_sample`` with
-        ``align_corners=False`` and border clamping reproduces ``F.interpolate``'s upsampling).
+    def semantic_inference(
+        self, pred_logits: torch.Tensor, pred_masks: torch.Tensor, size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Class scores from the decoder's predictions (SEGCLIP.md, "Class prediction and
+        semantic inference").
 
         Args:
-            probs: (B, K, h, w) low-resolution combination, upsampled and cropped.
-            cls: (B, N, K) class probabilities; masks: (B, N, h4, w4) mask logits.
+            pred_logits: (B, N, K+1) class logits (last = no object).
+            pred_masks: (B, N, h4, w4) mask logits at stride 4.
+            size: (H, W) of the (padded) image.
         Returns:
-            probs with the refined pixels replaced, (B, K, h, w); written into ``probs`` itself
-            when it is contiguous (the caller's own tensor).
+            (B, K, H, W) float32: sum over queries of softmax(class)[:K] * sigmoid(mask);
+            "low" combines at stride 4 and upsamples the K maps, "full" upsamples the N mask
+            logits first.
         """
-        b, k, h, w = probs.shape
-        n_refine = int(self.refine_fraction * h * w)
-        if n_refine == 0 or k < 2:
-            return probs
-        top2 = probs.topk(2, dim=1).values  # (B, 2, h, w)
-        margin = (top2[:, 0] - top2[:, 1]).flatten(1)  # (B, h*w)
-        idx = margin.topk(n_refine, dim=1, largest=False).indices  # (B, n)
-        ph, pw = padded_size
-        ys, xs = (idx // w).to(probs.dtype), (idx % w).to(probs.dtype)
-        # pixel centres of the (ph, pw) frame in grid_sample's [-1, 1] coordinates
-        grid = torch.stack([(xs + 0.5) / pw * 2 - 1, (ys + 0.5) / ph * 2 - 1], dim=-1)
-        logits = F.grid_sample(
-            masks, grid[:, None], mode="bilinear", padding_mode="border", align_corners=False
-        )[:, :, 0]  # (B, N, n)
-        exact = torch.einsum("bqk,bqn->bkn", cls, logits.sigmoid())  # (B, K, n)
-        # probs is this function's own tensor (interpolated, then cropped): reshape gives a view
-        # to scatter into when the crop kept it contiguous, a copy otherwise
-        flat = probs.reshape(b, k, h * w)
-        flat.scatter_(2, idx[:, None].expand(-1, k, -1), exact)
-        return flat.view(b, k, h, w)
+        cls = pred_logits.float().softmax(-1)[..., :-1]  # (B, N, K)
+        masks = pred_masks.float()  # (B, N, h4, w4)
+        if self.postprocess == "full":
+            masks = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+            return torch.einsum("bqk,bqhw->bkhw", cls, masks.sigmoid())
+        probs = torch.einsum("bqk,bqhw->bkhw", cls, masks.sigmoid())  # (B, K, h4, w4)
+        return F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
 
     def forward(self, batched_inputs: list[dict]):
         """

@@ -1,7 +1,8 @@
 """Frozen CLIP text encoder of the Text Mapping Prompt (TMP).
 
 Class names become prompts (``"a photo with a {}"`` filled with the cleaned class name), are
-tokenised with the open_clip tokenizer of the model and encoded by the frozen CLIP text transformer.
+tokenised with the open_clip tokenizer of the model and encoded by the frozen CLIP text transformer
+(open_clip's own ``encode_text``).
 The (K, D) embeddings are cached per prompt and device, so inference runs the transformer once per
 vocabulary, never per image. The learnable projection to the decoder width lives in the model, not
 here: this module owns no trainable parameter and nothing of it is in ``state_dict()``.
@@ -71,40 +72,6 @@ class _Shared:
 
 class TextEncoderMismatchError(RuntimeError):
     """The loaded CLIP text tower does not reproduce the embeddings stored in a checkpoint."""
-
-
-def _encode_text(model: nn.Module, tokens: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """``model.encode_text(tokens)``: (P, L) int64 -> (P, D).
-
-    CLIP's text transformer is causal and pools at the end-of-text token (the largest token id),
-    so positions after the last end-of-text token of the batch cannot change the result: they are
-    cut off, which makes short class prompts ~8x cheaper than running all 77 positions. Other text
-    towers run ``encode_text`` unchanged.
-    """
-    from open_clip.model import CLIP
-
-    causal_argmax = (
-        isinstance(model, CLIP)
-        and model.text_pool_type == "argmax"
-        and model.attn_mask is not None
-        and tokens.device.type != "meta"
-    )
-    if not causal_argmax:
-        return model.encode_text(tokens, normalize=normalize)
-    eot = tokens.argmax(dim=-1)  # (P,) position of the end-of-text token
-    length = int(eot.max()) + 1
-    tokens = tokens[:, :length]  # (P, L')
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype)  # (P, L', W)
-    x = x + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), eot]  # (P, W)
-    if isinstance(model.text_projection, nn.Linear):
-        x = model.text_projection(x)
-    elif model.text_projection is not None:
-        x = x @ model.text_projection  # (P, D)
-    return nn.functional.normalize(x, dim=-1) if normalize else x
 
 
 class FrozenCLIPTextEncoder(nn.Module):
@@ -323,7 +290,7 @@ class FrozenCLIPTextEncoder(nn.Module):
             else contextlib.nullcontext()
         )
         with autocast_off:
-            emb = _encode_text(tower, tokens, self.normalize).float()  # (P, D)
+            emb = tower.encode_text(tokens, normalize=self.normalize).float()  # (P, D)
         self.num_encoder_calls += 1
         return emb
 

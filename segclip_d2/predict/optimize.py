@@ -17,6 +17,13 @@ the same computation run faster; every transform changes results by float roundi
   runs attention, norms and FFN over ``chunk_tokens`` tokens at a time (the activations stay in
   cache; ~1/3 faster per layer at 21,504 tokens) with bf16 values kept as the compiled CPU
   kernel reads them, or converted to float32 once for all chunks otherwise.
+* ``decoder_masks``: in the transformer decoder, the intermediate predictions (which only give
+  the next layer's cross-attention mask) compute mask logits on the attention map itself, from
+  the mask features resized to it (bilinear resizing is linear per channel, so this equals
+  resizing the stride-4 mask logits, at 1/4 to 1/64 of the cost) and skip the class head; even
+  integer reductions of 4 or more resize by averaging four strided slices (what
+  ``F.interpolate`` computes there); channels-last mask features are read in place by one
+  batched matmul (einsum copies them to NCHW first: ~3x slower in bf16 at 256 x 256 x 256).
 * ``cast_memory_once`` (reduced precision): under autocast the decoder's memory values and keys
   are cast to the compute dtype once per forward instead of once per layer that reads them.
 
@@ -54,6 +61,7 @@ TRANSFORMS = (
     "channels_last_input",
     "cpu_kernels",
     "chunked_encoder",
+    "decoder_masks",
     "cast_memory_once",
 )
 _MARK = "_segclip_inference_transforms"
@@ -95,12 +103,15 @@ def optimize_for_inference(
         channels_last_input(model)
         applied.append("channels_last_input")
     if "cpu_kernels" in wanted and cpu:
-        for part in (model.pixel_decoder, model.predictor):
+        for part in (model.pixel_decoder, model.transformer_decoder):
             install_cpu_kernels(part)
         applied.append("cpu_kernels")
     if "chunked_encoder" in wanted and chunk_encoder_layers(model.pixel_decoder):
         applied.append("chunked_encoder")
-    if "cast_memory_once" in wanted and low and cast_memory_once(model.predictor):
+    if "decoder_masks" in wanted:
+        fast_decoder_masks(model.transformer_decoder)
+        applied.append("decoder_masks")
+    if "cast_memory_once" in wanted and low and cast_memory_once(model.transformer_decoder):
         applied.append("cast_memory_once")
     setattr(model, _MARK, tuple(applied))
     logger.info("optimize_for_inference(%s, %s): %s", device, precision, ", ".join(applied))
@@ -222,14 +233,12 @@ class ChunkedEncoderLayer(nn.Module):
         object.__setattr__(self, "plain", layer)  # not a child: no duplicate keys
         self.chunk_tokens = int(chunk_tokens)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index):
         layer = self.plain
         if torch.is_grad_enabled():
-            return layer(
-                src, pos, reference_points, spatial_shapes, level_start_index, padding_mask
-            )
+            return layer(src, pos, reference_points, spatial_shapes, level_start_index)
         attn = layer.self_attn
-        value = attn.project_value(src, spatial_shapes, padding_mask)
+        value = attn.project_value(src, spatial_shapes)
         if value.dtype in (torch.float16, torch.bfloat16) and not (
             attn.impl != "pytorch" and compiled_reads_bf16(value)
         ):
@@ -261,12 +270,100 @@ def chunk_encoder_layers(pixel_decoder: nn.Module, chunk_tokens: int | None = No
     return count
 
 
+# ---------------------------------------------------------------------- decoder masks
+def mask_logits(mask_embed: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """einsum("bqc,bchw->bqhw"): (B, Q, C) embeddings x (B, C, H, W) features -> (B, Q, H, W).
+
+    Channels-last features are a (B, H*W, C) matrix in memory; one batched matmul against its
+    transpose reads them in place, where einsum first copies them to NCHW. Same values.
+    """
+    b, c, h, w = features.shape
+    if features.is_contiguous(memory_format=torch.channels_last):
+        flat = features.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view
+        return torch.bmm(mask_embed, flat.transpose(1, 2)).view(b, -1, h, w)
+    return torch.einsum("bqc,bchw->bqhw", mask_embed, features)
+
+
+def bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)``, computed by strided
+    slices (same values up to float rounding) for even integer reductions of 4 or more.
+
+    Reducing by an even factor f samples at f*i + f/2 - 1/2, midway between two pixels in each
+    axis, so the result is the mean of four strided slices.
+    """
+    h, w = x.shape[-2:]
+    oh, ow = int(size[0]), int(size[1])
+    fy, fx = h // oh, w // ow
+    if h != fy * oh or w != fx * ow or fy != fx or fy < 4 or fy % 2:
+        return F.interpolate(x, size=(oh, ow), mode="bilinear", align_corners=False)
+    o = fy // 2 - 1
+    s = (
+        x[..., o::fy, o::fy]
+        + x[..., o + 1 :: fy, o::fy]
+        + x[..., o::fy, o + 1 :: fy]
+        + x[..., o + 1 :: fy, o + 1 :: fy]
+    )
+    return s * 0.25
+
+
+class FastDecoderMasks:
+    """Mixed into a transformer decoder's class by :func:`fast_decoder_masks`: without autograd
+    in eval mode, the intermediate predictions compute the attention masks only, at the
+    attention map's size (see the module docstring); the last prediction is the plain one (with
+    :func:`mask_logits`)."""
+
+    def layer_loop(self, groups, memory, mask_features, text_embeddings):
+        if self.training or torch.is_grad_enabled():
+            return super().layer_loop(groups, memory, mask_features, text_embeddings)
+        self._resized_features = {}  # (h, w) -> mask features resized to it, this forward only
+        try:
+            return super().layer_loop(groups, memory, mask_features, text_embeddings)
+        finally:
+            self._resized_features = None
+
+    def predict_then_mask(self, queries, layer, groups, memory, mask_features, text, predictions):
+        resized = getattr(self, "_resized_features", None)
+        if resized is None or layer == self.num_layers:
+            return super().predict_then_mask(
+                queries, layer, groups, memory, mask_features, text, predictions
+            )
+        nxt = layer % self.num_feature_levels
+        size = memory.sizes[nxt]
+        if size not in resized:
+            resized[size] = bilinear_resize(mask_features, size)
+        masks = mask_logits(self.mask_embed(self.decoder_norm(queries)), resized[size])
+        blocked = groups.extra_blocked[nxt] if groups.extra_blocked else None
+        return self.cross_attn_mask(masks, size, blocked)
+
+    def predict(self, queries, mask_features, text_embeddings):
+        if torch.is_grad_enabled():
+            return super().predict(queries, mask_features, text_embeddings)
+        x = self.decoder_norm(queries)
+        logits = self.class_head(x, text_embeddings)
+        return logits, mask_logits(self.mask_embed(x), mask_features)
+
+
+_FAST_CLASSES: dict[type, type] = {}
+
+
+def fast_decoder_masks(decoder: nn.Module) -> None:
+    """Give ``decoder`` (a ``MaskedAttentionDecoder``) the :class:`FastDecoderMasks` forward: an
+    in-place class change to a subclass of its own class (same attributes and state)."""
+    cls = type(decoder)
+    if issubclass(cls, FastDecoderMasks):
+        return
+    if cls not in _FAST_CLASSES:
+        _FAST_CLASSES[cls] = type(f"FastMasks{cls.__name__}", (FastDecoderMasks, cls), {})
+    decoder.__class__ = _FAST_CLASSES[cls]
+
+
 # ---------------------------------------------------------------------- memory casts
-def cast_memory_once(predictor: nn.Module) -> int:
-    """Under autocast without autograd, give every cross-attention layer of ``predictor`` its
-    memory values and keys in the autocast dtype, cast once per predictor forward (each layer's
-    ``F.linear`` would cast its own copy: up to H/8 * W/8 tokens per layer). Same values: autocast
-    casts the same tensors to the same dtype. Returns the number of layers hooked."""
+def cast_memory_once(decoder: nn.Module) -> int:
+    """Under autocast without autograd, give every cross-attention layer of ``decoder`` (the
+    transformer decoder) its memory values and keys in the autocast dtype, cast once per
+    forward (each layer's ``F.linear`` would cast its own copy: up to H/8 * W/8 tokens per
+    layer). Same values: autocast casts the same tensors to the same dtype. Returns the number
+    of layers hooked."""
     from segclip_d2.modeling.transformer_decoder.attention_layers import CrossAttentionLayer
 
     cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -289,13 +386,13 @@ def cast_memory_once(predictor: nn.Module) -> int:
         return (args[0], cast(args[1], low), *args[2:]), kwargs
 
     count = 0
-    for mod in predictor.modules():
+    for mod in decoder.modules():
         if isinstance(mod, CrossAttentionLayer):
             mod.register_forward_pre_hook(pre, with_kwargs=True)
             count += 1
     if count:
-        predictor.register_forward_pre_hook(lambda m, a: cache.clear())
-        predictor.register_forward_hook(lambda m, a, o: cache.clear(), always_call=True)
+        decoder.register_forward_pre_hook(lambda m, a: cache.clear())
+        decoder.register_forward_hook(lambda m, a, o: cache.clear(), always_call=True)
     return count
 
 
@@ -304,11 +401,15 @@ __all__ = [
     "TRANSFORMS",
     "ChunkedEncoderLayer",
     "CpuKernelMode",
+    "FastDecoderMasks",
+    "bilinear_resize",
     "canonical_channels_last",
     "cast_memory_once",
     "channels_last_input",
     "chunk_encoder_layers",
+    "fast_decoder_masks",
     "inference_copy",
+    "mask_logits",
     "install_cpu_kernels",
     "optimize_for_inference",
     "optimized_transforms",

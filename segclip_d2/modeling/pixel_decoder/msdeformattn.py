@@ -63,11 +63,9 @@ class MSDeformAttnEncoderLayer(nn.Module):
         reference_points: torch.Tensor,
         spatial_shapes: list[tuple[int, int]],
         level_start_index: torch.Tensor | None,
-        padding_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """src, pos: (B, S, C); reference_points: (B, S, L, 2); spatial_shapes: [(H_l, W_l)];
-        padding_mask: (B, S) or None."""
-        value = self.self_attn.project_value(src, spatial_shapes, padding_mask)
+        """src, pos: (B, S, C); reference_points: (B, S, L, 2); spatial_shapes: [(H_l, W_l)]."""
+        value = self.self_attn.project_value(src, spatial_shapes)
         return self.attend_and_ffn(
             src, pos, reference_points, value, spatial_shapes, level_start_index
         )
@@ -118,56 +116,38 @@ class MSDeformAttnEncoder(nn.Module):
                 m._reset_parameters()
 
     @staticmethod
-    def valid_ratios(mask: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) bool padding mask -> (B, 2) valid fraction as (x, y)."""
-        _, h, w = mask.shape
-        valid_h = (~mask[:, :, 0]).sum(1).float()
-        valid_w = (~mask[:, 0, :]).sum(1).float()
-        return torch.stack([valid_w / w, valid_h / h], -1)
-
-    @staticmethod
-    def reference_points(
-        spatial_shapes: list[tuple[int, int]], valid_ratios: torch.Tensor, device
-    ) -> torch.Tensor:
-        """Pixel centres of every level normalised by each level's valid extent.
+    def reference_points(spatial_shapes: list[tuple[int, int]], device) -> torch.Tensor:
+        """Pixel centres of every level, normalised to [0, 1] by the level's size.
 
         Args:
             spatial_shapes: [(H_l, W_l)] per level.
-            valid_ratios: (B, L, 2) as (x, y).
         Returns:
-            (B, S, L, 2) reference points (x, y) for every level.
+            (S, 2) reference points (x, y), S = sum_l H_l * W_l.
         """
         refs = []
-        for lvl, (h, w) in enumerate(spatial_shapes):
+        for h, w in spatial_shapes:
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+                (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h,
+                (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w,
                 indexing="ij",
             )
-            ref_y = ref_y.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * h)  # (B, h*w)
-            ref_x = ref_x.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * w)
-            refs.append(torch.stack((ref_x, ref_y), -1))  # (B, h*w, 2)
-        ref = torch.cat(refs, 1)  # (B, S, 2)
-        return ref[:, :, None] * valid_ratios[:, None]  # (B, S, L, 2)
+            refs.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))  # (h*w, 2)
+        return torch.cat(refs, 0)
 
     def forward(
-        self,
-        srcs: list[torch.Tensor],
-        pos_embeds: list[torch.Tensor],
-        masks: list[torch.Tensor],
+        self, srcs: list[torch.Tensor], pos_embeds: list[torch.Tensor]
     ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """
         Args:
             srcs: L maps (B, C, H_l, W_l), coarsest first.
             pos_embeds: L positional encodings (B, C, H_l, W_l).
-            masks: L bool padding masks (B, H_l, W_l), True = padded.
         Returns:
             memory (B, S, C) with S = sum_l H_l * W_l, and the [(H_l, W_l)] of every level.
         """
-        if not (len(srcs) == len(pos_embeds) == len(masks) == self.num_levels):
+        if not (len(srcs) == len(pos_embeds) == self.num_levels):
             raise ValueError(
-                f"MSDeformAttnEncoder expects {self.num_levels} levels, got {len(srcs)} maps, "
-                f"{len(pos_embeds)} encodings and {len(masks)} masks"
+                f"MSDeformAttnEncoder expects {self.num_levels} levels, got {len(srcs)} maps and "
+                f"{len(pos_embeds)} encodings"
             )
         shapes = [(int(s.shape[2]), int(s.shape[3])) for s in srcs]
         src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, C)
@@ -178,20 +158,15 @@ class MSDeformAttnEncoder(nn.Module):
             ],
             1,
         )  # (B, S, C)
-        mask_flat = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
-        valid_ratios = torch.stack([self.valid_ratios(m) for m in masks], 1)  # (B, L, 2)
-        reference_points = self.reference_points(shapes, valid_ratios, src_flat.device)
-        # the parameters' dtype, not autocast's: bf16 positions would be off by ~1/256
-        reference_points = reference_points.to(self.level_embed.dtype)
-        # skipping an all-False mask saves a pass per layer; a traced graph (torch.compile,
-        # torch.export) keeps the mask, as it cannot branch on tensor values
-        traced = torch.compiler.is_compiling()
-        padding_mask = mask_flat if traced or bool(mask_flat.any()) else None
-
+        b, n = src_flat.shape[:2]
+        # the same point on every level; the parameters' dtype, not autocast's: bf16 positions
+        # would be off by ~1/256
+        ref = self.reference_points(shapes, src_flat.device).to(self.level_embed.dtype)
+        reference_points = ref[None, :, None].expand(b, n, self.num_levels, 2)  # (B, S, L, 2)
         out = src_flat
         for layer in self.layers:
             # the level sizes as integers: the op takes them so, and tracing needs no tensor reads
-            out = layer(out, pos_flat, reference_points, shapes, None, padding_mask)
+            out = layer(out, pos_flat, reference_points, shapes, None)
         return out, shapes
 
 
@@ -207,10 +182,10 @@ def _input_projection(in_channels: int, conv_dim: int) -> nn.Module:
 class MSDeformAttnPixelDecoder(nn.Module):
     """Deformable-attention encoder over the coarse levels + FPN step to stride ``common_stride``.
 
-    ``forward(features, padding_mask=None)``:
+    ``forward(features)``:
         features: backbone outputs, e.g. {"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32,
-            W/32)}.
-        padding_mask: (B, H, W) bool at the padded image size, True on padding; None = no padding.
+            W/32)}. Padded image positions are image content (as in Mask2Former): there is no
+            padding mask.
     returns ``(mask_features (B, mask_dim, H/4, W/4), multi_scale_features)`` where
     ``multi_scale_features`` = [(B, conv_dim, H/32, W/32), (.., H/16, ..), (.., H/8, ..)].
     """
@@ -352,31 +327,16 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "msda_impl": cfg.MODEL.SEGCLIP.MSDA_IMPL,
         }
 
-    def forward(
-        self, features: dict[str, torch.Tensor], padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         missing = [f for f in self.in_features if f not in features]
         if missing:
             raise ValueError(f"MSDeformAttnPixelDecoder: backbone features {missing} missing")
-        srcs, pos, masks = [], [], []
-        for lvl, name in enumerate(self.transformer_in_features):
-            x = self.input_proj[lvl](features[name])  # (B, C, h, w)
-            b, _, h, w = x.shape
-            if padding_mask is None:
-                m = torch.zeros((b, h, w), dtype=torch.bool, device=x.device)
-            else:
-                if padding_mask.dim() != 3 or padding_mask.shape[0] != b:
-                    raise ValueError(
-                        f"MSDeformAttnPixelDecoder: padding_mask must be (B={b}, H, W), got "
-                        f"{tuple(padding_mask.shape)}"
-                    )
-                m = F.interpolate(padding_mask[:, None].float(), size=(h, w), mode="nearest")
-                m = m[:, 0].bool()  # (B, h, w)
-            srcs.append(x)
-            masks.append(m)
-            pos.append(self.pe_layer(x, m))
-
-        memory, shapes = self.transformer(srcs, pos, masks)  # (B, S, C)
+        srcs = [
+            proj(features[name])
+            for proj, name in zip(self.input_proj, self.transformer_in_features)
+        ]
+        pos = [self.pe_layer(x) for x in srcs]  # (B, C, h, w) each
+        memory, shapes = self.transformer(srcs, pos)  # (B, S, C)
         b = memory.shape[0]
         outs = [
             y.transpose(1, 2).reshape(b, self.conv_dim, h, w)

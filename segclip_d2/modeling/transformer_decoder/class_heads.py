@@ -15,9 +15,9 @@ class LinearClassHead(nn.Module):
         self.num_classes = num_classes
         self.linear = nn.Linear(hidden_dim, num_classes + 1)
 
-    def forward(self, x: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
-        """x: (B, Q, C); text_embeddings: (K, D) (only K is checked) -> (B, Q, K+1)."""
-        if text_embeddings.shape[0] != self.num_classes:
+    def forward(self, x: torch.Tensor, text_embeddings: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, Q, C); text_embeddings: (K, D) (only K is checked) or None -> (B, Q, K+1)."""
+        if text_embeddings is not None and text_embeddings.shape[0] != self.num_classes:
             raise ValueError(
                 f"The linear class head was built for {self.num_classes} classes but the "
                 f"vocabulary has {text_embeddings.shape[0]}; use MODEL.SEGCLIP.CLASS_HEAD 'text' "

@@ -29,48 +29,10 @@ from torch import nn
 
 from .attention_layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 from .build import TRANSFORMER_DECODER_REGISTRY
-from .class_heads import build_class_head
+from .class_heads import TextClassHead, build_class_head
 from .position_encoding import PositionEmbeddingSine
 
 logger = logging.getLogger(__name__)
-
-
-def mask_logits(mask_embed: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """einsum("bqc,bchw->bqhw"): (B, Q, C) embeddings x (B, C, H, W) features -> (B, Q, H, W).
-
-    Channels-last features are a (B, H*W, C) matrix in memory; one batched matmul against its
-    transpose reads them in place, where einsum first copies them to NCHW (~3x slower in bf16
-    at 256 x 256 x 256). Same values either way.
-    """
-    b, c, h, w = features.shape
-    if features.is_contiguous(memory_format=torch.channels_last):
-        flat = features.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view
-        return torch.bmm(mask_embed, flat.transpose(1, 2)).view(b, -1, h, w)
-    return torch.einsum("bqc,bchw->bqhw", mask_embed, features)
-
-
-def bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``F.interpolate(x, size, mode="bilinear", align_corners=False)``, computed exactly and
-    much faster (same values up to float rounding) for even integer reductions of 4 or more.
-
-    Reducing by an even factor f samples at f*i + f/2 - 1/2, midway between two pixels in each
-    axis, so the result is the mean of four strided slices.
-    """
-    h, w = x.shape[-2:]
-    oh, ow = int(size[0]), int(size[1])
-    if (oh, ow) == (h, w):
-        return x
-    fy, fx = h // oh, w // ow
-    if h != fy * oh or w != fx * ow or fy != fx or fy < 4 or fy % 2:
-        return F.interpolate(x, size=(oh, ow), mode="bilinear", align_corners=False)
-    o = fy // 2 - 1
-    s = (
-        x[..., o::fy, o::fy]
-        + x[..., o + 1 :: fy, o::fy]
-        + x[..., o::fy, o + 1 :: fy]
-        + x[..., o + 1 :: fy, o + 1 :: fy]
-    )
-    return s * 0.25
 
 
 @dataclass
@@ -105,13 +67,16 @@ class MaskedAttentionDecoder(nn.Module):
     ``forward(x, mask_features, text_embeddings, guidance=None)``:
         x: the pixel decoder's multi-scale maps [(B, C_in, h_l, w_l)], coarsest first.
         mask_features: (B, mask_dim, H/4, W/4).
-        text_embeddings: (K, D) class text embeddings of the current vocabulary.
+        text_embeddings: (K, D) class text embeddings of the current vocabulary; may be None
+            when the decoder reads no text (:attr:`needs_text` False).
         guidance: subclass-specific (SegCLIP's GTG), None otherwise.
     returns "pred_logits" (B, N, K+1), "pred_masks" (B, N, H/4, W/4), "aux_outputs" (in
-    training: the initial prediction and every layer but the last; in eval: empty, since only
-    the last prediction is used) and "guidance" (None, or the same for the extra group plus
-    "valid" (B, T)).
+    training: the initial prediction and every layer but the last, for deep supervision; in
+    eval: empty) and "guidance" (None, or the same for the extra group plus "valid" (B, T)).
     """
+
+    #: Whether ``forward`` accepts a ``guidance`` group (SegCLIP's GTG).
+    supports_guidance = False
 
     def __init__(
         self,
@@ -176,6 +141,11 @@ class MaskedAttentionDecoder(nn.Module):
     def check_vocabulary(self, num_classes: int) -> None:
         """Raise ValueError when this decoder cannot predict ``num_classes`` classes."""
 
+    @property
+    def needs_text(self) -> bool:
+        """Whether ``forward`` reads the class text embeddings (here: the text class head)."""
+        return isinstance(self.class_head, TextClassHead)
+
     # ------------------------------------------------------------------ steps
     def forward(
         self,
@@ -201,7 +171,10 @@ class MaskedAttentionDecoder(nn.Module):
             raise ValueError(
                 f"batch sizes differ: mask_features {b}, maps {[f.shape[0] for f in x]}"
             )
-        if text_embeddings.dim() != 2:
+        if text_embeddings is None:
+            if self.needs_text:
+                raise ValueError(f"{type(self).__name__} needs the class text embeddings")
+        elif text_embeddings.dim() != 2:
             raise ValueError(f"text embeddings must be (K, D), got {tuple(text_embeddings.shape)}")
 
     def prepare_memory(self, x: list[torch.Tensor]) -> Memory:
@@ -228,19 +201,14 @@ class MaskedAttentionDecoder(nn.Module):
         groups: QueryGroups,
         memory: Memory,
         mask_features: torch.Tensor,
-        text_embeddings: torch.Tensor,
+        text_embeddings: torch.Tensor | None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Step 3: the masked-attention layers; returns the (logits, masks) predictions made
-        (all of them in training, for deep supervision; the last one in eval)."""
+        """Step 3: the masked-attention layers; returns the (logits, masks) prediction made
+        before the first layer and after every layer."""
         queries, query_pos = groups.queries, groups.query_pos
-        # Inference uses only the last prediction; the intermediate ones just give the next
-        # layer's attention mask and are computed directly at that layer's resolution.
-        features_at = None
-        if not self.training:
-            features_at = [bilinear_resize(mask_features, sz) for sz in memory.sizes]
         predictions = []
-        step = (groups, memory, mask_features, features_at, text_embeddings, predictions)
-        attn_mask = self._predict_then_mask(queries, 0, *step)
+        step = (groups, memory, mask_features, text_embeddings, predictions)
+        attn_mask = self.predict_then_mask(queries, 0, *step)
         for i in range(self.num_layers):
             lvl = i % self.num_feature_levels
             queries = self.transformer_cross_attention_layers[i](
@@ -254,25 +222,19 @@ class MaskedAttentionDecoder(nn.Module):
                 queries, attn_mask=groups.self_mask, query_pos=query_pos
             )
             queries = self.transformer_ffn_layers[i](queries)
-            attn_mask = self._predict_then_mask(queries, i + 1, *step)
+            attn_mask = self.predict_then_mask(queries, i + 1, *step)
         return predictions
 
-    def _predict_then_mask(
-        self, queries, layer, groups, memory, mask_features, features_at, text, predictions
-    ):
-        """Step 4 after ``layer`` layers: predict (kept in ``predictions``), then the next
+    def predict_then_mask(self, queries, layer, groups, memory, mask_features, text, predictions):
+        """Step 4 after ``layer`` layers: predict (appended to ``predictions``), then the next
         layer's cross-attention mask (None after the last layer)."""
+        logits, masks = self.predict(queries, mask_features, text)
+        predictions.append((logits, masks))
+        if layer == self.num_layers:
+            return None
         nxt = layer % self.num_feature_levels
-        last = layer == self.num_layers
-        if self.training or last:
-            logits, masks = self.predict(queries, mask_features, text)
-            predictions.append((logits, masks))
-            if last:
-                return None
-        else:
-            masks = self._attention_masks_only(queries, features_at[nxt])
         blocked = groups.extra_blocked[nxt] if groups.extra_blocked else None
-        return self._cross_attn_mask(masks, memory.sizes[nxt], blocked)
+        return self.cross_attn_mask(masks, memory.sizes[nxt], blocked)
 
     def predict(self, queries, mask_features, text_embeddings):
         """The prediction heads: (B, Q, C) -> class logits (B, Q, K+1), mask logits
@@ -280,20 +242,10 @@ class MaskedAttentionDecoder(nn.Module):
         x = self.decoder_norm(queries)
         logits = self.class_head(x, text_embeddings)
         mask_embed = self.mask_embed(x)  # (B, Q, mask_dim)
-        return logits, mask_logits(mask_embed, mask_features)
-
-    def _attention_masks_only(self, queries: torch.Tensor, features_at: torch.Tensor):
-        """Mask logits (B, Q, h, w) of an intermediate prediction on the next layer's map.
-
-        ``features_at`` is the mask features resized to that map. Bilinear resizing is linear per
-        channel, so ``resize(einsum(E, F)) == einsum(E, resize(F))``: this equals resizing the
-        stride-4 masks, at 1/4 to 1/64 of the cost.
-        """
-        mask_embed = self.mask_embed(self.decoder_norm(queries))  # (B, Q, mask_dim)
-        return mask_logits(mask_embed, features_at)
+        return logits, torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
 
     @staticmethod
-    def _cross_attn_mask(pred_masks, size, extra_blocked):
+    def cross_attn_mask(pred_masks, size, extra_blocked):
         """Blocked memory positions of every query on a map of ``size``.
 
         Args:
@@ -302,7 +254,8 @@ class MaskedAttentionDecoder(nn.Module):
         Returns:
             (B, Q, h * w) bool, True = blocked; fully blocked rows unblocked.
         """
-        blocked = bilinear_resize(pred_masks, size) < 0.0  # (B, Q, h, w): sigmoid < 0.5
+        resized = F.interpolate(pred_masks, size=size, mode="bilinear", align_corners=False)
+        blocked = resized < 0.0  # (B, Q, h, w): sigmoid < 0.5
         if extra_blocked is not None and extra_blocked.shape[1] > 0:
             t = extra_blocked.shape[1]
             blocked = torch.cat([blocked[:, :-t], extra_blocked], 1)
@@ -313,6 +266,8 @@ class MaskedAttentionDecoder(nn.Module):
     def pack_outputs(self, predictions, groups: QueryGroups) -> dict:
         """The criterion's outputs: ordinary queries, and the extra group under "guidance"."""
         n = self.num_queries
+        if not self.training:  # the intermediate predictions serve deep supervision only
+            predictions = predictions[-1:]
         logits = [c for c, _ in predictions]
         masks = [m for _, m in predictions]
         out = _pack([c[:, :n] for c in logits], [m[:, :n] for m in masks])
@@ -345,7 +300,8 @@ def _input_projection(in_channels: int, hidden_dim: int) -> nn.Module:
 class Mask2FormerTransformerDecoder(MaskedAttentionDecoder):
     """Mask2Former's decoder with ``num_queries`` learnable queries: SegCLIP without text
     queries, CFF and GTG (the "no text queries" ablation). The class head is still chosen by
-    ``MODEL.SEGCLIP.CLASS_HEAD``; the text embeddings reach only a "text" class head."""
+    ``MODEL.SEGCLIP.CLASS_HEAD``; the text embeddings reach only a "text" class head (with the
+    linear one the model builds no text encoder)."""
 
     @configurable
     def __init__(self, in_channels: int, **kwargs):

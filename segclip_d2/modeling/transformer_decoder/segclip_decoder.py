@@ -30,13 +30,7 @@ from detectron2.config import configurable
 
 from .build import TRANSFORMER_DECODER_REGISTRY
 from .cff import CrossModalFeatureFusion
-from .masked_attention_decoder import (  # noqa: F401  (bilinear_resize, mask_logits re-exported)
-    MaskedAttentionDecoder,
-    Memory,
-    QueryGroups,
-    bilinear_resize,
-    mask_logits,
-)
+from .masked_attention_decoder import MaskedAttentionDecoder, Memory, QueryGroups
 from .text_queries import TextQueryGenerator, check_query_slots
 
 logger = logging.getLogger(__name__)
@@ -83,6 +77,8 @@ class SegCLIPTransformerDecoder(MaskedAttentionDecoder):
     Outputs as :class:`MaskedAttentionDecoder`; "aux_outputs" starts with the CFF prediction.
     """
 
+    supports_guidance = True
+
     @configurable
     def __init__(self, in_channels: int, *, cff_enabled: bool = True, **kwargs):
         super().__init__(in_channels, **kwargs)
@@ -109,6 +105,10 @@ class SegCLIPTransformerDecoder(MaskedAttentionDecoder):
     @property
     def cff_enabled(self) -> bool:
         return self.cff is not None
+
+    @property
+    def needs_text(self) -> bool:
+        return True  # the text queries
 
     def check_vocabulary(self, num_classes: int) -> None:
         check_query_slots(num_classes, self.num_queries)
