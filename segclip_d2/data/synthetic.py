@@ -20,7 +20,7 @@ On-disk layout (the prepared layout read by :mod:`segclip_d2.data.register`)::
     <root>/synthetic_aerial/meta.json                               completion marker (last)
 
 With ``nir=True`` (:func:`ensure_synthetic_aerial`, :func:`generate_tile`) every tile also gets a
-near-infrared band (:func:`_nir_gain`: bright vegetation, dark water, moderate soil, roads and
+near-infrared band (:data:`NIR_RANGES`: bright vegetation, dark water, moderate soil, roads and
 roofs), stored as 4-band TIFFs (red, green, blue, nir) in ``<root>/synthetic_aerial_nir``. The
 visible bands and labels are the very same as the RGB set's: the NIR band is drawn from the tile's
 random stream after everything else, so the RGB set does not change.
@@ -197,6 +197,7 @@ class _Canvas:
     region: np.ndarray = field(init=False)  # (H, W) int32 index into the lists below
     colors: list = field(default_factory=list)  # per region (3,) RGB
     params: list = field(default_factory=list)  # per region (theta, period, amplitude, phase)
+    classes: list = field(default_factory=list)  # per region, its class
 
     def __post_init__(self):
         self.label = np.full((self.h, self.w), BACKGROUND, np.uint8)
@@ -207,6 +208,7 @@ class _Canvas:
         base = pal[rng.choice(len(pal), p=PALETTE_WEIGHTS[cls])]
         self.colors.append(np.clip(base + rng.uniform(-12, 12, 3), 0, 255))
         self.params.append(params)
+        self.classes.append(cls)
         return len(self.colors) - 1
 
     def paint(self, mask: np.ndarray, cls: int, region: int) -> None:
@@ -534,26 +536,49 @@ def _apply_sensor(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
 
-# Near-infrared reflectance relative to visible luminance. Bare soil, roads and roofs lie on a
-# "soil line" (NIR about as bright as the visible); green surfaces (G > R) add a red-edge boost,
-# as chlorophyll reflects NIR strongly: a green canopy (greenness (G-R)/(G+R) ~ 0.25, luminance
-# ~ 60) reaches ~190, a green field ~190, grass ~140, a ploughed field ~110. Water absorbs NIR.
-NIR_SOIL_GAIN = 0.93
-NIR_GREEN_BOOST = 528.0
-NIR_WATER_GAIN = 0.35
-NIR_ROOF_GAIN = 0.85
+# Near-infrared brightness (0..255 before the sensor) of each region, drawn per region from its
+# class: vegetation reflects NIR strongly (chlorophyll's red edge), water absorbs it, soil, roads
+# and roofs lie in between. Fields and background are vegetation when their colour is green
+# (G > R), soil otherwise (ploughed fields, bare yards). Texture and shadows follow the visible
+# luminance of each pixel relative to its region's base colour.
+NIR_RANGES = {
+    FOREST: (170, 215),
+    AGRICULTURE: (150, 200),
+    BACKGROUND: (125, 165),
+    BARREN: (95, 130),
+    ROAD: (65, 100),
+    WATER: (10, 30),
+}
+NIR_SOIL_RANGE = (95, 125)  # fields and background whose colour is not green
+NIR_ROOF_GAIN = 0.85  # roofs (painted, not regions): NIR = 0.85 x visible luminance
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
-def _nir_gain(cv: _Canvas) -> np.ndarray:
-    """Per-pixel ratio NIR / visible luminance (H, W) from each region's base colour and class."""
-    colors = np.array(cv.colors, np.float32)  # (R, 3)
-    lum = np.maximum(colors @ _LUMA, 1.0)
-    green = np.clip((colors[:, 1] - colors[:, 0]) / (colors[:, 1] + colors[:, 0] + 1e-6), 0, None)
-    gain = (NIR_SOIL_GAIN + NIR_GREEN_BOOST * green / lum)[cv.region]
-    gain[cv.label == WATER] = NIR_WATER_GAIN
-    gain[cv.label == BUILDING] = NIR_ROOF_GAIN  # roof colours are painted, not regions
-    return gain
+def _relative_luminance(cv: _Canvas, image: np.ndarray) -> np.ndarray:
+    """Per pixel (H, W): visible luminance over its region's base luminance; on roofs, the
+    luminance itself (negative, to tell them apart). No random draws."""
+    lum = image @ _LUMA  # (H, W)
+    base = np.maximum(np.array(cv.colors, np.float32) @ _LUMA, 1.0)  # (R,)
+    rel = np.clip(lum / base[cv.region], 0.0, 2.0)
+    roof = cv.label == BUILDING
+    rel[roof] = -lum[roof]
+    return rel
+
+
+def _nir_scene(rng: np.random.Generator, cv: _Canvas, rel: np.ndarray) -> np.ndarray:
+    """The NIR band (H, W) float32 before the sensor, from :func:`_relative_luminance`."""
+    colors = np.array(cv.colors, np.float32)
+    level = np.empty(len(cv.classes), np.float32)
+    for r, cls in enumerate(cv.classes):
+        green = colors[r, 1] > colors[r, 0] + 4
+        lo, hi = (
+            NIR_RANGES[cls] if green or cls not in (AGRICULTURE, BACKGROUND) else NIR_SOIL_RANGE
+        )
+        level[r] = rng.uniform(lo, hi)
+    nir = level[cv.region] * rel
+    roof = rel < 0
+    nir[roof] = NIR_ROOF_GAIN * -rel[roof]
+    return nir
 
 
 def _nir_sensor(rng: np.random.Generator, nir: np.ndarray) -> np.ndarray:
@@ -616,13 +641,13 @@ def generate_tile(
     roads, grid_angle = _paint_roads(rng, cv, scene)
     image = _render_ground(rng, cv)
     _paint_buildings(rng, cv, image, roads, grid_angle, scene)
-    nir_scene = (image @ _LUMA) * _nir_gain(cv) if nir else None  # (H, W) before the sensor
+    rel = _relative_luminance(cv, image) if nir else None  # (H, W), before the sensor
     image = _apply_sensor(rng, image)
     if rng.random() < nodata_prob:
         _paint_nodata(rng, cv.label, image)
-    if nir_scene is None:
+    if rel is None:
         return image, cv.label
-    band = _nir_sensor(rng, nir_scene)  # drawn last: the RGB bands stay the same
+    band = _nir_sensor(rng, _nir_scene(rng, cv, rel))  # drawn last: the RGB bands stay the same
     band[cv.label == IGNORE_LABEL] = 0
     return np.dstack([image, band]), cv.label
 
