@@ -177,6 +177,18 @@ class CLIPResNetBackbone(Backbone):
         self.bands = check_band_names(bands, "INPUT.BANDS")
         if tuple(self.bands) != RGB_BANDS:
             self.stem.conv1 = widen_first_conv(self.stem.conv1, self.bands)
+        self._add_stages(visual, out_features)
+
+        self.requires_grad_(True)
+        if norm == "FrozenBN":
+            FrozenBatchNorm2d.convert_frozen_batchnorm(self)
+        elif norm == "SyncBN":
+            nn.SyncBatchNorm.convert_sync_batchnorm(self)
+        self.freeze(freeze_at)
+
+    def _add_stages(self, visual: nn.Module, out_features: list[str]) -> None:
+        """Copies of CLIP's layer1.. up to the last requested stage, as res2.., with their
+        strides and channels."""
         self._out_features = out_features
         self._out_feature_strides = {}
         self._out_feature_channels = {}
@@ -189,13 +201,6 @@ class CLIPResNetBackbone(Backbone):
             self.add_module(name, stage)
             self._out_feature_strides[name] = stride
             self._out_feature_channels[name] = stage[-1].conv3.out_channels
-
-        self.requires_grad_(True)
-        if norm == "FrozenBN":
-            FrozenBatchNorm2d.convert_frozen_batchnorm(self)
-        elif norm == "SyncBN":
-            nn.SyncBatchNorm.convert_sync_batchnorm(self)
-        self.freeze(freeze_at)
 
     def freeze(self, freeze_at: int = 0) -> CLIPResNetBackbone:
         """Freeze the first ``freeze_at`` blocks (1 = stem, 2 = stem + res2, ...)."""
