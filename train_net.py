@@ -39,6 +39,7 @@ import segclip_d2.modeling.meta_arch  # noqa: F401  (registers SegCLIP)
 from segclip_d2 import add_segclip_config, compat
 from segclip_d2.cli import add_inference_arguments, apply_inference_arguments
 from segclip_d2.config import load_config
+from segclip_d2.data.custom import apply_custom_dataset
 from segclip_d2.engine import SegCLIPTrainer, write_color_prediction
 from segclip_d2.engine.data import check_labels_not_all_ignored
 from segclip_d2.errors import (
@@ -67,6 +68,7 @@ def build_config(args):
     cfg = get_cfg()
     add_segclip_config(cfg)
     load_config(args.config_file, args.opts or [], cfg=cfg)
+    apply_custom_dataset(cfg)  # DATASETS.CUSTOM: datasets, bands, statistics from dataset.yaml
     apply_inference_arguments(cfg, args)  # --tta / --precision for the evaluation
     return cfg
 

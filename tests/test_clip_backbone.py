@@ -131,7 +131,7 @@ def test_bad_arguments_are_clear_errors():
     cfg.MODEL.CLIP_RESNET.PRETRAINED = ""
     from segclip_d2.modeling.backbone.clip_resnet import build_clip_resnet_backbone
 
-    with pytest.raises(ValueError, match="3-channel"):
+    with pytest.raises(ValueError, match="4 input channels but INPUT.BANDS names 3"):
         build_clip_resnet_backbone(cfg, ShapeSpec(channels=4))
 
 

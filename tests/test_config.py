@@ -159,6 +159,25 @@ READ_ELSEWHERE = {
 }
 
 
+def _use_example_custom_dataset(cfg: CfgNode, root: Path, monkeypatch) -> None:
+    """``DATASETS.CUSTOM example``: a 4-band dataset.yaml as datasets/prepare_custom.py writes."""
+    from segclip_d2.data.custom import apply_custom_dataset
+
+    record = {
+        "name": "example",
+        "classes": [{"name": n, "color": [i, i, i], "prompts": [n]} for i, n in enumerate("ab")],
+        "bands": ["red", "green", "blue", "nir"],
+        "pixel_mean": [100.0] * 4,
+        "pixel_std": [50.0] * 4,
+        "gsd_m": 0.5,
+    }
+    (root / "example").mkdir()
+    (root / "example" / "dataset.yaml").write_text(yaml.safe_dump(record))
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
+    cfg.DATASETS.CUSTOM = "example"
+    apply_custom_dataset(cfg)
+
+
 @pytest.fixture(scope="module")
 def keys_read(tmp_path_factory) -> dict[str, set[str]]:
     """Per YAML under configs/ (bases, Base-*.yaml, through the files that inherit them): the
@@ -177,8 +196,11 @@ def keys_read(tmp_path_factory) -> dict[str, set[str]]:
             cfg.OUTPUT_DIR = str(out)
             cfg.MODEL.DEVICE = "meta"
             recorder.keys = set()
+            cfg = recorder.tag(cfg)
+            if path.parent.name == "custom":  # configs that need a prepared dataset's name
+                _use_example_custom_dataset(cfg, out, monkeypatch)
             with torch.device("meta"):  # parameters without storage or initialisation
-                _build_everything(recorder.tag(cfg), out, monkeypatch)
+                _build_everything(cfg, out, monkeypatch)
             reads[path.relative_to(REPO).as_posix()] = recorder.keys
     finally:
         monkeypatch.undo()

@@ -176,3 +176,87 @@ def test_bad_labels_give_clear_errors(tmp_path):
         mapper(rec)
     with pytest.raises(ValueError, match="INPUT.FORMAT"):
         build_train_mapper(_cfg(**{"INPUT.FORMAT": "BGR"}))
+
+
+# --------------------------------------------------------------------------- N bands
+def _write_tif(path, array):
+    """(H, W, C) -> C-band TIFF (no georeference)."""
+    import warnings
+
+    import rasterio
+
+    h, w, c = array.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(
+            path, "w", driver="GTiff", width=w, height=h, count=c, dtype=array.dtype.name
+        ) as dst:
+            dst.write(array.transpose(2, 0, 1))
+    return str(path)
+
+
+NIR = ["red", "green", "blue", "nir"]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_mapper_reads_every_band_of_a_tiff(tmp_path, dtype):
+    pytest.importorskip("rasterio")
+    rng = np.random.default_rng(0)
+    img = (rng.random((50, 60, 4)) * (200 if dtype == np.uint8 else 4000)).astype(dtype)
+    lbl = rng.integers(0, K, (50, 60)).astype(np.uint8)
+    Image.fromarray(lbl).save(tmp_path / "l.png")
+    rec = {
+        "file_name": _write_tif(tmp_path / "a.tif", img),
+        "sem_seg_file_name": str(tmp_path / "l.png"),
+    }
+    cfg = _cfg(
+        **{"INPUT.BANDS": NIR, "INPUT.COLOR_AUG": True, "MODEL.SEGCLIP.SIZE_DIVISIBILITY": 32}
+    )
+    out = build_test_mapper(cfg)(dict(rec))
+    want = torch.uint8 if dtype == np.uint8 else torch.float32
+    assert out["image"].dtype == want and out["image"].shape == (4, 50, 60)
+    np.testing.assert_array_equal(
+        out["image"].numpy(), img.transpose(2, 0, 1).astype(out["image"].numpy().dtype)
+    )
+    train = build_train_mapper(cfg)(dict(rec))
+    assert train["image"].shape == (4, 64, 64) and train["image"].dtype == want
+    with pytest.raises(ValueError, match="4 bands, but INPUT.BANDS names 3"):
+        build_test_mapper(_cfg())(dict(rec))
+
+
+def test_resize_keeps_each_band_like_the_rgb_path():
+    """A 4-band uint8 image resizes band by band exactly as its RGB part does (PIL would take
+    the fourth band as alpha and premultiply by it)."""
+    from detectron2.data.transforms import ResizeTransform
+
+    from segclip_d2.data.mapper import BandwiseResizeTransform
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (40, 30, 4), dtype=np.uint8)
+    img[:10, :, 3] = 0  # a zero "alpha" must not blank the visible bands
+    t = BandwiseResizeTransform(40, 30, 57, 45, Image.BILINEAR)
+    out = t.apply_image(img)
+    rgb = ResizeTransform(40, 30, 57, 45, Image.BILINEAR).apply_image(img[..., :3].copy())
+    assert out.shape == (57, 45, 4)
+    np.testing.assert_array_equal(out[..., :3], rgb)
+    single = ResizeTransform(40, 30, 57, 45, Image.BILINEAR).apply_image(img[..., 3:].copy())
+    np.testing.assert_array_equal(out[..., 3], single[..., 0])
+
+
+def test_photometric_jitter_on_visible_bands_and_brightness_contrast_elsewhere():
+    from segclip_d2.data.mapper import PhotometricTransform
+
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, (20, 20, 4), dtype=np.uint8)
+    nir_first = np.ascontiguousarray(img[..., [3, 0, 1, 2]])
+    t3 = PhotometricTransform(10.0, 1.2, 1.3, 5.0)
+    t4 = PhotometricTransform(10.0, 1.2, 1.3, 5.0, rgb=(1, 2, 3))
+    out = t4.apply_image(nir_first)
+    np.testing.assert_array_equal(out[..., 1:], t3.apply_image(np.ascontiguousarray(img[..., :3])))
+    x = img[..., 3].astype(np.float32) + 10.0
+    want = np.clip(np.rint((x - x.mean()) * 1.2 + x.mean()), 0, 255)
+    np.testing.assert_array_equal(out[..., 0], want.astype(np.uint8))
+    f = img.astype(np.float32) * 50
+    outf = t4.apply_image(f)  # not uint8: gain and contrast on every band, no clipping
+    g = f * (1 + 10.0 / 128)
+    np.testing.assert_allclose(outf, (g - g.mean((0, 1))) * 1.2 + g.mean((0, 1)), rtol=1e-5)

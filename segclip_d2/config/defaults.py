@@ -133,6 +133,12 @@ def add_segclip_config(cfg):
     cfg.INPUT.COLOR_AUG = True
     # Ground sample distance of the training imagery, metres per pixel (0: unknown).
     cfg.INPUT.GSD_M = 0.0
+    # Names of the input bands in file order (MODEL.PIXEL_MEAN/STD give one value per band);
+    # "red", "green", "blue" take the pretrained RGB kernels of the CLIP backbone's stem.
+    cfg.INPUT.BANDS = ["red", "green", "blue"]
+    # Dataset prepared by datasets/prepare_custom.py: when set, DATASETS.TRAIN/TEST become
+    # NAME_train/NAME_val and INPUT.BANDS, MODEL.PIXEL_MEAN/STD, INPUT.GSD_M its dataset.yaml's.
+    cfg.DATASETS.CUSTOM = ""
 
     # ------------------------------------------------------------------ solver
     # Optimizer: "ADAMW" or "SGD".

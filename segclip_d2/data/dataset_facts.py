@@ -243,6 +243,7 @@ SYNTHETIC = DatasetFacts(
 )
 
 DATASETS: dict[str, DatasetFacts] = {f.key: f for f in (LOVEDA, ISAID, UAVID, SYNTHETIC)}
+BUILTIN_KEYS = frozenset(DATASETS)
 
 
 def get_facts(key: str) -> DatasetFacts:
@@ -251,3 +252,11 @@ def get_facts(key: str) -> DatasetFacts:
         return DATASETS[key]
     except KeyError:
         raise KeyError(f"unknown dataset {key!r}; known: {sorted(DATASETS)}") from None
+
+
+def add_facts(facts: DatasetFacts) -> None:
+    """Add (or replace) the facts of a dataset prepared by ``datasets/prepare_custom.py``; the
+    built-in datasets cannot be replaced."""
+    if facts.key in BUILTIN_KEYS:
+        raise ValueError(f"{facts.key!r} is a built-in dataset; choose another name")
+    DATASETS[facts.key] = facts

@@ -2,7 +2,8 @@
 
 Mapper output per image (interface D)::
 
-    "image":      uint8 tensor (3, H, W), RGB
+    "image":      tensor (C, H, W) of the ``INPUT.BANDS`` in file order: uint8 for 8-bit images
+                  (RGB PNG/JPEG, or all bands of a TIFF), float32 for 16-bit or float TIFFs
     "sem_seg":    int64 tensor (H, W), 255 = ignore            (when the split is labelled)
     "gt_classes": int64 tensor (T,), sorted present class ids  (training)
     "gt_masks":   bool tensor (T, H, W), one mask per class     (training)
@@ -20,7 +21,8 @@ nearest-neighbour resizing and exact array rotations/flips):
    ``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA`` of the crop's non-ignored pixels;
 3. horizontal flip, vertical flip (``INPUT.RANDOM_VFLIP``), a random multiple of 90 degrees
    (``INPUT.RANDOM_ROTATE90``);
-4. photometric jitter (``INPUT.COLOR_AUG``): brightness, contrast, saturation, hue;
+4. photometric jitter (``INPUT.COLOR_AUG``): brightness, contrast, saturation, hue on the red,
+   green and blue bands of 8-bit images; brightness and contrast on every other band;
 5. padding to a multiple of ``MODEL.SEGCLIP.SIZE_DIVISIBILITY`` (image 0, label 255).
 """
 
@@ -45,6 +47,7 @@ from fvcore.transforms.transform import (
 )
 from PIL import Image
 
+from .bands import TIFF_SUFFIXES, check_band_names, read_tiff_bands, rgb_indices
 from .dataset_facts import IGNORE_LABEL
 
 logger = logging.getLogger(__name__)
@@ -86,17 +89,61 @@ class Rot90Transform(Transform):
         return Rot90Transform((4 - self.k) % 4, h, w)
 
 
-class PhotometricTransform(Transform):
-    """Brightness shift, contrast and saturation factors and a hue shift on uint8 RGB images.
+class BandwiseResizeTransform(T.ResizeTransform):
+    """detectron2's resize for any number of bands: 8-bit images with other than 1 or 3 bands are
+    resized band by band (PIL would take 4 bands as RGBA and premultiply by the "alpha")."""
 
-    ``hue`` is in OpenCV hue units (0..180 per turn). Labels and coordinates are unchanged.
+    def apply_image(self, img, interp=None):
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] in (1, 3):
+            return super().apply_image(img, interp)
+        bands = []
+        for c in range(img.shape[2]):
+            bands.append(super().apply_image(img[..., c : c + 1], interp))
+        return np.concatenate(bands, axis=2)
+
+
+class PhotometricTransform(Transform):
+    """Brightness shift, contrast and saturation factors and a hue shift.
+
+    On uint8 images the ``rgb`` bands (positions of red, green, blue; None: no visible bands)
+    get all four; every other band (and every band of a non-uint8 image) gets the brightness and
+    contrast only: a shift by ``brightness`` for uint8, a gain ``1 + brightness / 128`` otherwise,
+    then the contrast factor around the band's mean. ``hue`` is in OpenCV hue units (0..180 per
+    turn). Labels and coordinates are unchanged.
     """
 
-    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float):
+    def __init__(
+        self,
+        brightness: float,
+        contrast: float,
+        saturation: float,
+        hue: float,
+        rgb: tuple[int, int, int] | None = (0, 1, 2),
+    ):
         super().__init__()
         self._set_attributes(locals())
 
     def apply_image(self, img: np.ndarray) -> np.ndarray:
+        assert img.ndim == 3, img.shape
+        rgb = list(self.rgb) if self.rgb is not None and img.dtype == np.uint8 else None
+        if rgb == [0, 1, 2] and img.shape[2] == 3:
+            return self._jitter_rgb(img)
+        out = self._jitter_bands(img)
+        if rgb is not None:
+            out[..., rgb] = self._jitter_rgb(np.ascontiguousarray(img[..., rgb]))
+        return out
+
+    def _jitter_bands(self, img: np.ndarray) -> np.ndarray:
+        x = img.astype(np.float32)
+        x = x + self.brightness if img.dtype == np.uint8 else x * (1 + self.brightness / 128)
+        if self.contrast != 1.0:
+            mean = x.mean(axis=(0, 1))
+            x = (x - mean) * self.contrast + mean
+        if img.dtype != np.uint8:
+            return x.astype(img.dtype)
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+    def _jitter_rgb(self, img: np.ndarray) -> np.ndarray:
         assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3, img.shape
         x = img.astype(np.float32) + self.brightness
         if self.contrast != 1.0:
@@ -137,7 +184,7 @@ class RandomScaleResize(T.Augmentation):
         nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
         if (nh, nw) == (h, w):
             return NoOpTransform()
-        return T.ResizeTransform(h, w, nh, nw, Image.BILINEAR)
+        return BandwiseResizeTransform(h, w, nh, nw, Image.BILINEAR)
 
 
 class PadToMinSize(T.Augmentation):
@@ -208,6 +255,7 @@ class RandomPhotometric(T.Augmentation):
         saturation: float = 0.5,
         hue: float = 18.0,
         prob: float = 0.5,
+        rgb: tuple[int, int, int] | None = (0, 1, 2),
     ):
         super().__init__()
         self._init(locals())
@@ -222,7 +270,7 @@ class RandomPhotometric(T.Augmentation):
         hu = draw(-self.hue, self.hue, 0.0)
         if b == 0.0 and c == 1.0 and s == 1.0 and hu == 0.0:
             return NoOpTransform()
-        return PhotometricTransform(b, c, s, hu)
+        return PhotometricTransform(b, c, s, hu, self.rgb)
 
 
 # --------------------------------------------------------------------------- reading
@@ -262,6 +310,23 @@ def read_label(path: str, image_path: str, image_hw: tuple[int, int], num_classe
     return label
 
 
+def read_image_bands(path: str, bands, image_format: str = "RGB") -> np.ndarray:
+    """An image as (H, W, C) with one channel per name in ``bands``.
+
+    TIFFs are read with all their bands (uint8 kept, other types as float32); other formats
+    are read as RGB. A band count other than ``len(bands)`` raises ``ValueError``.
+    """
+    if str(path).lower().endswith(TIFF_SUFFIXES):
+        image = read_tiff_bands(path)
+    else:
+        image = utils.read_image(path, format=image_format)  # (H, W, 3) uint8 RGB
+    if image.shape[2] != len(bands):
+        raise ValueError(
+            f"{path}: {image.shape[2]} bands, but INPUT.BANDS names {len(bands)} ({list(bands)})"
+        )
+    return image
+
+
 def class_masks(sem_seg: np.ndarray, ignore_label: int = IGNORE_LABEL):
     """Per-class masks of a label map: ``(T,)`` int64 sorted class ids, ``(T, H, W)`` bool."""
     classes = np.unique(sem_seg)
@@ -297,6 +362,7 @@ class AerialSemanticDatasetMapper:
         ignore_label: int = IGNORE_LABEL,
         num_classes: int | None = None,
         size_divisibility: int = -1,
+        bands=("red", "green", "blue"),
     ):
         if image_format != "RGB":
             raise ValueError(
@@ -309,6 +375,7 @@ class AerialSemanticDatasetMapper:
         self.ignore_label = ignore_label
         self.num_classes = num_classes
         self.size_divisibility = size_divisibility
+        self.bands = check_band_names(bands, "INPUT.BANDS")
         mode = "training" if is_train else "inference"
         logger.info(f"[{type(self).__name__}] {mode} augmentations: {augmentations}")
 
@@ -344,7 +411,7 @@ class AerialSemanticDatasetMapper:
             if cfg.INPUT.RANDOM_ROTATE90:
                 augs.append(RandomRotate90())
             if cfg.INPUT.COLOR_AUG:
-                augs.append(RandomPhotometric())
+                augs.append(RandomPhotometric(rgb=rgb_indices(cfg.INPUT.BANDS)))
         return {
             "is_train": is_train,
             "augmentations": augs,
@@ -352,12 +419,13 @@ class AerialSemanticDatasetMapper:
             "ignore_label": ignore_label,
             "num_classes": num_classes,
             "size_divisibility": cfg.MODEL.SEGCLIP.SIZE_DIVISIBILITY if is_train else -1,
+            "bands": list(cfg.INPUT.BANDS),
         }
 
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)
         file_name = dataset_dict["file_name"]
-        image = utils.read_image(file_name, format=self.image_format)  # (H, W, 3) uint8 RGB
+        image = read_image_bands(file_name, self.bands, self.image_format)  # (H, W, C)
         h0, w0 = image.shape[:2]
         sem_seg = None
         if "sem_seg_file_name" in dataset_dict:
@@ -378,7 +446,7 @@ class AerialSemanticDatasetMapper:
         dataset_dict["height"], dataset_dict["width"] = h0, w0
         dataset_dict["image"] = torch.from_numpy(
             np.ascontiguousarray(image.transpose(2, 0, 1))
-        )  # (3, H, W) uint8
+        )  # (C, H, W) uint8 or float32
         if sem_seg is not None:
             sem_seg = np.ascontiguousarray(sem_seg)
             dataset_dict["sem_seg"] = torch.from_numpy(sem_seg.astype(np.int64))  # (H, W)

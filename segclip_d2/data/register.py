@@ -162,13 +162,31 @@ def _ensure_synthetic(root: Path) -> None:
     ensure_synthetic_aerial(root)
 
 
+def _ensure_synthetic_nir(root: Path) -> None:
+    from .synthetic import ensure_synthetic_aerial
+
+    ensure_synthetic_aerial(root, nir=True)
+
+
 def register_synthetic() -> None:
+    """``synthetic_aerial_{train,val}`` (RGB PNGs) and ``synthetic_aerial_nir_{train,val}`` (the
+    same tiles with a near-infrared band, 4-band TIFFs)."""
+    from .synthetic import NIR_BANDS, RGB_BANDS
+
     for split in ("train", "val"):
         register_semseg_split(
             f"synthetic_aerial_{split}",
             "synthetic_aerial",
             f"synthetic_aerial/{split}",
             before_load=_ensure_synthetic,
+            bands=list(RGB_BANDS),
+        )
+        register_semseg_split(
+            f"synthetic_aerial_nir_{split}",
+            "synthetic_aerial",
+            f"synthetic_aerial_nir/{split}",
+            before_load=_ensure_synthetic_nir,
+            bands=list(NIR_BANDS),
         )
 
 
@@ -215,10 +233,15 @@ def register_uavid() -> None:
 
 
 def register_all() -> None:
+    """The built-in datasets, then every dataset prepared by ``datasets/prepare_custom.py``
+    under ``$DETECTRON2_DATASETS`` (see :mod:`segclip_d2.data.custom`)."""
+    from .custom import register_custom_datasets
+
     register_synthetic()
     register_loveda()
     register_isaid()
     register_uavid()
+    register_custom_datasets()
 
 
 register_all()

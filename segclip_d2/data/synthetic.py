@@ -19,6 +19,12 @@ On-disk layout (the prepared layout read by :mod:`segclip_d2.data.register`)::
     <root>/synthetic_aerial/{train,val}/labels/<split>_<index>.png   train ids, 255 = no data
     <root>/synthetic_aerial/meta.json                               completion marker (last)
 
+With ``nir=True`` (:func:`ensure_synthetic_aerial`, :func:`generate_tile`) every tile also gets a
+near-infrared band (:data:`NIR_RANGES`: bright vegetation, dark water, moderate soil, roads and
+roofs), stored as 4-band TIFFs (red, green, blue, nir) in ``<root>/synthetic_aerial_nir``. The
+visible bands and labels are the very same as the RGB set's: the NIR band is drawn from the tile's
+random stream after everything else, so the RGB set does not change.
+
 :func:`ensure_synthetic_aerial` generates the set on first use. Its defaults can be changed with
 environment variables (explicit arguments win):
 
@@ -38,6 +44,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,6 +65,9 @@ logger = logging.getLogger(__name__)
 
 FACTS = get_facts("synthetic_aerial")
 DATASET_DIR = "synthetic_aerial"
+DATASET_DIR_NIR = "synthetic_aerial_nir"
+RGB_BANDS = ("red", "green", "blue")
+NIR_BANDS = (*RGB_BANDS, "nir")
 SPLITS = ("train", "val")
 # Bump when the generator changes what a seed produces: existing sets are then regenerated.
 GENERATOR_VERSION = 2
@@ -188,6 +198,7 @@ class _Canvas:
     region: np.ndarray = field(init=False)  # (H, W) int32 index into the lists below
     colors: list = field(default_factory=list)  # per region (3,) RGB
     params: list = field(default_factory=list)  # per region (theta, period, amplitude, phase)
+    classes: list = field(default_factory=list)  # per region, its class
 
     def __post_init__(self):
         self.label = np.full((self.h, self.w), BACKGROUND, np.uint8)
@@ -198,6 +209,7 @@ class _Canvas:
         base = pal[rng.choice(len(pal), p=PALETTE_WEIGHTS[cls])]
         self.colors.append(np.clip(base + rng.uniform(-12, 12, 3), 0, 255))
         self.params.append(params)
+        self.classes.append(cls)
         return len(self.colors) - 1
 
     def paint(self, mask: np.ndarray, cls: int, region: int) -> None:
@@ -529,6 +541,58 @@ def _apply_sensor(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
 
+# Near-infrared brightness (0..255 before the sensor) of each region, drawn per region from its
+# class: vegetation reflects NIR strongly (chlorophyll's red edge), water absorbs it, soil, roads
+# and roofs lie in between. Fields and background are vegetation when their colour is green
+# (G > R), soil otherwise (ploughed fields, bare yards). Texture and shadows follow the visible
+# luminance of each pixel relative to its region's base colour.
+NIR_RANGES = {
+    FOREST: (170, 215),
+    AGRICULTURE: (150, 200),
+    BACKGROUND: (125, 165),
+    BARREN: (95, 130),
+    ROAD: (65, 100),
+    WATER: (10, 30),
+}
+NIR_SOIL_RANGE = (95, 125)  # fields and background whose colour is not green
+NIR_ROOF_GAIN = 0.85  # roofs (painted, not regions): NIR = 0.85 x visible luminance
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def _relative_luminance(cv: _Canvas, image: np.ndarray) -> np.ndarray:
+    """Per pixel (H, W): visible luminance over its region's base luminance; on roofs, the
+    luminance itself (negative, to tell them apart). No random draws."""
+    lum = image @ _LUMA  # (H, W)
+    base = np.maximum(np.array(cv.colors, np.float32) @ _LUMA, 1.0)  # (R,)
+    rel = np.clip(lum / base[cv.region], 0.0, 2.0)
+    roof = cv.label == BUILDING
+    rel[roof] = -lum[roof]
+    return rel
+
+
+def _nir_scene(rng: np.random.Generator, cv: _Canvas, rel: np.ndarray) -> np.ndarray:
+    """The NIR band (H, W) float32 before the sensor, from :func:`_relative_luminance`."""
+    colors = np.array(cv.colors, np.float32)
+    level = np.empty(len(cv.classes), np.float32)
+    for r, cls in enumerate(cv.classes):
+        green = colors[r, 1] > colors[r, 0] + 4
+        lo, hi = (
+            NIR_RANGES[cls] if green or cls not in (AGRICULTURE, BACKGROUND) else NIR_SOIL_RANGE
+        )
+        level[r] = rng.uniform(lo, hi)
+    nir = level[cv.region] * rel
+    roof = rel < 0
+    nir[roof] = NIR_ROOF_GAIN * -rel[roof]
+    return nir
+
+
+def _nir_sensor(rng: np.random.Generator, nir: np.ndarray) -> np.ndarray:
+    """Optics blur, gain and sensor noise of the NIR band -> uint8."""
+    nir = cv2.GaussianBlur(nir, (0, 0), rng.uniform(0.5, 1.0)) * rng.uniform(0.8, 1.2)
+    nir += rng.normal(0, rng.uniform(2.0, 6.0), nir.shape).astype(np.float32)
+    return np.clip(nir + 0.5, 0, 255).astype(np.uint8)
+
+
 def _paint_nodata(rng: np.random.Generator, label: np.ndarray, image: np.ndarray) -> None:
     """A black no-data wedge along one border (label 255), like LoveDA's ignore area."""
     h, w = label.shape
@@ -552,9 +616,16 @@ def _as_rng(rng_or_seed) -> np.random.Generator:
 
 
 def generate_tile(
-    rng_or_seed, size: int = 512, scene: str | None = None, nodata_prob: float = 0.1
+    rng_or_seed,
+    size: int = 512,
+    scene: str | None = None,
+    nodata_prob: float = 0.1,
+    nir: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate one tile: ``(image (size, size, 3) uint8 RGB, label (size, size) uint8)``.
+
+    With ``nir`` the image is (size, size, 4): red, green, blue, near-infrared; its first three
+    bands equal the RGB tile of the same seed.
 
     Labels are train ids 0..6 in LoveDA's order and 255 on a no-data border (drawn with
     probability ``nodata_prob``). ``scene`` is ``"rural"`` (fields, forest, water, farmsteads),
@@ -575,10 +646,15 @@ def generate_tile(
     roads, grid_angle = _paint_roads(rng, cv, scene)
     image = _render_ground(rng, cv)
     _paint_buildings(rng, cv, image, roads, grid_angle, scene)
+    rel = _relative_luminance(cv, image) if nir else None  # (H, W), before the sensor
     image = _apply_sensor(rng, image)
     if rng.random() < nodata_prob:
         _paint_nodata(rng, cv.label, image)
-    return image, cv.label
+    if rel is None:
+        return image, cv.label
+    band = _nir_sensor(rng, _nir_scene(rng, cv, rel))  # drawn last: the RGB bands stay the same
+    band[cv.label == IGNORE_LABEL] = 0
+    return np.dstack([image, band]), cv.label
 
 
 # ---------------------------------------------------------------------------------------- on disk
@@ -621,16 +697,45 @@ def _write_png_atomic(path: Path, array: np.ndarray) -> int:
     return len(buf)
 
 
-def _tile_ok(image_path: Path, label_path: Path, size: int) -> bool:
+def _write_tif_atomic(path: Path, array: np.ndarray) -> int:
+    """Write ``array`` (H, W, C) as a C-band TIFF (no georeference); return the byte size."""
+    import rasterio
+
+    from ..utils.atomic import atomic_output
+
+    h, w, c = array.shape
+    with atomic_output(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        profile = dict(driver="GTiff", height=h, width=w, count=c, dtype=array.dtype.name)
+        with rasterio.open(tmp, "w", **profile, compress="deflate") as dst:
+            dst.write(array.transpose(2, 0, 1))
+    return path.stat().st_size
+
+
+def _read_tif(path: Path) -> np.ndarray | None:
+    """A TIFF as (H, W, C), or None when it cannot be read."""
+    import rasterio
+
+    try:
+        with rasterio.open(path) as src:
+            return src.read().transpose(1, 2, 0)
+    except rasterio.errors.RasterioError:
+        return None
+
+
+def _tile_ok(image_path: Path, label_path: Path, size: int, bands: int = 3) -> bool:
     """Both files exist and decode to the expected shapes."""
     if not (image_path.is_file() and label_path.is_file()):
         return False
-    img = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
+    if image_path.suffix == ".tif":
+        img = _read_tif(image_path)
+    else:
+        img = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
     lbl = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
     return (
         img is not None
         and lbl is not None
-        and img.shape == (size, size, 3)
+        and img.shape == (size, size, bands)
         and lbl.shape == (size, size)
         and lbl.dtype == np.uint8
     )
@@ -688,25 +793,30 @@ def _generate(out: Path, params: dict) -> None:
     (out / MARKER_NAME).unlink(missing_ok=True)
     _write_json_atomic(out / PROGRESS_NAME, {"params": params})
     counts = {"train": params["num_train"], "val": params["num_val"]}
+    bands = params.get("bands", 3)
+    ext = ".tif" if bands == 4 else ".png"  # 4 bands: red, green, blue, nir
     files: dict[str, int] = {}
     made = 0
     for split in SPLITS:
         img_dir, lbl_dir = out / split / "images", out / split / "labels"
         img_dir.mkdir(parents=True, exist_ok=True)
         lbl_dir.mkdir(parents=True, exist_ok=True)
-        wanted = {tile_stem(split, i) + ".png" for i in range(counts[split])}
-        for folder in (img_dir, lbl_dir):  # stale tiles of a larger earlier set, temp files
+        stems = [tile_stem(split, i) for i in range(counts[split])]
+        for folder, suffix in ((img_dir, ext), (lbl_dir, ".png")):
+            wanted = {stem + suffix for stem in stems}  # drop stale tiles, temp files
             for p in folder.iterdir():
                 if p.name not in wanted:
                     p.unlink()
-        for i in range(counts[split]):
-            name = tile_stem(split, i) + ".png"
-            img_path, lbl_path = img_dir / name, lbl_dir / name
-            if not (resume and _tile_ok(img_path, lbl_path, params["size"])):
+        for i, stem in enumerate(stems):
+            img_path, lbl_path = img_dir / (stem + ext), lbl_dir / (stem + ".png")
+            if not (resume and _tile_ok(img_path, lbl_path, params["size"], bands)):
                 image, label = generate_tile(
-                    tile_seed(params["seed"], split, i), params["size"], tile_scene(i)
+                    tile_seed(params["seed"], split, i),
+                    params["size"],
+                    tile_scene(i),
+                    nir=bands == 4,
                 )
-                _write_png_atomic(img_path, image)
+                (_write_tif_atomic if bands == 4 else _write_png_atomic)(img_path, image)
                 _write_png_atomic(lbl_path, label)
                 made += 1
             for p in (img_path, lbl_path):
@@ -730,8 +840,11 @@ def ensure_synthetic_aerial(
     size: int | None = None,
     seed: int | None = None,
     force: bool = False,
+    nir: bool = False,
 ) -> Path:
     """Make sure ``<root>/synthetic_aerial`` holds the set for these parameters; return its path.
+
+    ``nir``: the 4-band set (red, green, blue, near-infrared) in ``<root>/synthetic_aerial_nir``.
 
     Arguments left as None take the environment variables listed in the module docstring, else
     64 train / 16 val tiles of 512 x 512 px from seed 0. The set is (re)generated when it is
@@ -745,6 +858,7 @@ def ensure_synthetic_aerial(
         "size": _resolve("size", size),
         "seed": _resolve("seed", seed),
         "version": GENERATOR_VERSION,
+        **({"bands": len(NIR_BANDS)} if nir else {}),  # the RGB set's marker stays as it was
     }
     if params["num_train"] < 1 or params["num_val"] < 1:
         raise ValueError(
@@ -753,7 +867,7 @@ def ensure_synthetic_aerial(
         )
     if params["size"] < MIN_SIZE:
         raise ValueError(f"synthetic tile size must be at least {MIN_SIZE}, got {params['size']}")
-    out = Path(root).expanduser() / DATASET_DIR
+    out = Path(root).expanduser() / (DATASET_DIR_NIR if nir else DATASET_DIR)
     if not force and _complete(out, params):
         return out
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from detectron2.utils.logger import setup_logger
 from .. import compat
 from ..checkpoint.card import build_model_card, card_config_fields
 from ..checkpoint.checkpointer import explain_weight_fetch_errors
+from ..data.bands import display_rgb
 from ..data.dataset_facts import get_facts
 from ..data.evaluator import build_evaluator as build_segclip_evaluator
 from ..data.mapper import build_test_mapper, build_train_mapper
@@ -341,7 +342,7 @@ def write_color_prediction(cfg, model: torch.nn.Module, dataset_name: str, index
     out_dir = os.path.join(cfg.OUTPUT_DIR, "predictions")
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
-    image = inputs["image"].permute(1, 2, 0).cpu().numpy()  # (H, W, 3) RGB
+    image = display_rgb(inputs["image"].permute(1, 2, 0).cpu().numpy(), cfg.INPUT.BANDS)  # RGB
     gt = inputs["sem_seg"].cpu().numpy() if "sem_seg" in inputs else None
     if image.shape[:2] != pred.shape:  # the model predicts at the original size
         image = cv2.resize(image, pred.shape[::-1], interpolation=cv2.INTER_LINEAR)

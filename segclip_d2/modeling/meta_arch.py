@@ -102,8 +102,11 @@ class SegCLIP(nn.Module):
         self.postprocess = postprocess
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        if self.pixel_mean.numel() != 3 or self.pixel_std.numel() != 3:
-            raise ValueError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD need 3 (RGB) values each")
+        if self.pixel_mean.numel() != self.pixel_std.numel():
+            raise ValueError(
+                f"MODEL.PIXEL_MEAN has {self.pixel_mean.numel()} values and MODEL.PIXEL_STD "
+                f"{self.pixel_std.numel()}: give one value per input band in each"
+            )
 
     @classmethod
     def from_config(cls, cfg):
@@ -112,6 +115,12 @@ class SegCLIP(nn.Module):
                 f"SegCLIP takes RGB images (CLIP convention; the mapper emits RGB): set "
                 f"INPUT.FORMAT to 'RGB' (got {cfg.INPUT.FORMAT!r}) and MODEL.PIXEL_MEAN/STD in "
                 "RGB order"
+            )
+        if not len(cfg.MODEL.PIXEL_MEAN) == len(cfg.MODEL.PIXEL_STD) == len(cfg.INPUT.BANDS):
+            raise ValueError(
+                f"MODEL.PIXEL_MEAN/STD have {len(cfg.MODEL.PIXEL_MEAN)}/{len(cfg.MODEL.PIXEL_STD)} "
+                f"values but INPUT.BANDS names {len(cfg.INPUT.BANDS)} input channels: give one "
+                "value per band"
             )
         if len(cfg.DATASETS.TRAIN) == 0:
             raise ValueError("DATASETS.TRAIN is empty: SegCLIP takes its classes from it")
@@ -211,9 +220,10 @@ class SegCLIP(nn.Module):
         Returns:
             (B, K, h, w): sum over queries of p(class) * sigmoid(mask).
         """
-        if images.dim() != 4 or images.shape[1] != 3:
+        if images.dim() != 4 or images.shape[1] != self.pixel_mean.numel():
             raise ValueError(
-                f"predict_sem_seg_probs expects (B, 3, h, w) RGB images, got {tuple(images.shape)}"
+                f"predict_sem_seg_probs expects (B, {self.pixel_mean.numel()}, h, w) images (one "
+                f"channel per input band), got {tuple(images.shape)}"
             )
         h, w = images.shape[-2:]
         x = self._normalize(images.to(self.device, self.pixel_mean.dtype))

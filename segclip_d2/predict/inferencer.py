@@ -106,9 +106,10 @@ class SegInferencer:
 
     # ------------------------------------------------------------------ running
     def __call__(self, predict_fn: PredictFn, image: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (K, H, W) float32 of ``image`` (3, H, W), RGB 0..255."""
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"expected an image of shape (3, H, W), got {tuple(image.shape)}")
+        """Class probabilities (K, H, W) float32 of ``image`` (C, H, W): the model's input bands
+        (RGB 0..255 for RGB models); the model checks C."""
+        if image.dim() != 3:
+            raise ValueError(f"expected an image of shape (C, H, W), got {tuple(image.shape)}")
         image = image.float()
         size = (int(image.shape[1]), int(image.shape[2]))
         with torch.no_grad():

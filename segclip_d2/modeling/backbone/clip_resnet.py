@@ -5,6 +5,9 @@ a stem of three 3x3 convolutions + 2x2 average pooling (stride 4), then four bot
 anti-aliased (average-pool) downsampling, returned as res2..res5 at strides 4/8/16/32
 (256/512/1024/2048 channels for RN50). Inputs are already normalised by the meta-architecture
 (``MODEL.PIXEL_MEAN/STD`` set to CLIP's statistics in the CLIP configs).
+
+Inputs with other bands than RGB (``INPUT.BANDS``, e.g. red, green, blue, nir) get a widened
+first convolution, built from the pretrained RGB one by :func:`widen_first_conv`.
 """
 
 from __future__ import annotations
@@ -19,10 +22,15 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from torch import nn
 
 from segclip_d2.checkpoint.pretrained import load_open_clip_model
+from segclip_d2.data.bands import RGB_BANDS, check_band_names
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CLIPResNetBackbone", "build_clip_resnet_backbone"]
+__all__ = ["CLIPResNetBackbone", "build_clip_resnet_backbone", "widen_first_conv"]
+
+# Largest gain of a new band's kernel over the mean RGB kernel: the gain of three orthogonal
+# kernels of equal norm (see widen_first_conv).
+MAX_NEW_BAND_GAIN = 3**0.5
 
 _STAGES = ("res2", "res3", "res4", "res5")
 _NORMS = ("FrozenBN", "BN", "SyncBN")
@@ -43,6 +51,59 @@ class _CLIPStem(nn.Module):
         x = self.act2(self.bn2(self.conv2(x)))
         x = self.act3(self.bn3(self.conv3(x)))
         return self.avgpool(x)
+
+
+@torch.no_grad()
+def widen_first_conv(conv: nn.Conv2d, bands: Sequence[str]) -> nn.Conv2d:
+    """A copy of the RGB convolution ``conv`` (in_channels 3, in R, G, B order) taking ``bands``.
+
+    The rule, per output channel ``o`` (``W_c`` is the pretrained kernel of colour ``c``):
+
+    * a band named ``red``, ``green`` or ``blue`` gets that colour's kernel unchanged. So on
+      the visible bands, with every other band zero (its mean, after normalisation), the widened
+      convolution gives exactly the RGB one's output: the pretrained model is kept as it was;
+    * every other band gets the mean kernel ``M = (W_r + W_g + W_b) / 3`` scaled by
+      ``s_o = sqrt(mean_c |W_c[o]|^2) / |M[o]|``, capped at ``sqrt(3)``. For a band of
+      zero-mean, unit-variance, uncorrelated pixels the expected squared response of a kernel
+      ``K`` is ``|K|^2``, so a new band's activations get the size of a visible band's: averaging
+      kernels that partly cancel (colour-opponent filters) shrinks ``|M|`` and ``s_o`` undoes
+      that. The cap is ``s_o`` of three orthogonal kernels of equal norm; kernels that cancel
+      more than that (``M`` is then mostly noise) are not blown up beyond it.
+
+    The sum of the activations is not kept (impossible while the RGB output is kept exactly): a
+    new band that carries signal adds to it, as a fourth colour would. Without any of red, green
+    and blue in ``bands``, every band gets the scaled mean kernel.
+    """
+    names = check_band_names(bands, "INPUT.BANDS")
+    if conv.in_channels != 3:
+        raise ValueError(f"widen_first_conv takes an RGB convolution, got {conv.in_channels}")
+    w = conv.weight  # (O, 3, k, k)
+    mean = w.mean(dim=1)  # (O, k, k)
+    rms = w.pow(2).sum(dim=(2, 3)).mean(dim=1).sqrt()  # (O,)
+    gain = (rms / mean.pow(2).sum(dim=(1, 2)).sqrt().clamp_min(1e-12)).clamp(max=MAX_NEW_BAND_GAIN)
+    kernels = []
+    for name in names:
+        if name in RGB_BANDS:
+            kernels.append(w[:, RGB_BANDS.index(name)])
+        else:
+            kernels.append(mean * gain[:, None, None])
+    wide = nn.Conv2d(
+        len(names),
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+        conv.padding_mode,
+        device=w.device,
+        dtype=w.dtype,
+    )
+    wide.weight.copy_(torch.stack(kernels, dim=1))
+    if conv.bias is not None:
+        wide.bias.copy_(conv.bias)
+    return wide
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -74,6 +135,7 @@ class CLIPResNetBackbone(Backbone):
         freeze_at: int = 0,
         norm: str = "FrozenBN",
         require_pretrained: bool = False,
+        bands: Sequence[str] = RGB_BANDS,
     ):
         """
         Args:
@@ -86,6 +148,8 @@ class CLIPResNetBackbone(Backbone):
                 (trainable BatchNorm) or "SyncBN" (needs a distributed process group).
             require_pretrained: raise instead of warning + random init when a tag's weights are
                 missing.
+            bands: input band names; other than red, green, blue in that order, the first
+                convolution is widened by :func:`widen_first_conv`.
         """
         super().__init__()
         out_features = list(out_features)
@@ -110,6 +174,21 @@ class CLIPResNetBackbone(Backbone):
 
         # Copies: the cached CLIP model is shared and frozen, this backbone is trained.
         self.stem = _CLIPStem(visual)
+        self.bands = check_band_names(bands, "INPUT.BANDS")
+        if tuple(self.bands) != RGB_BANDS:
+            self.stem.conv1 = widen_first_conv(self.stem.conv1, self.bands)
+        self._add_stages(visual, out_features)
+
+        self.requires_grad_(True)
+        if norm == "FrozenBN":
+            FrozenBatchNorm2d.convert_frozen_batchnorm(self)
+        elif norm == "SyncBN":
+            nn.SyncBatchNorm.convert_sync_batchnorm(self)
+        self.freeze(freeze_at)
+
+    def _add_stages(self, visual: nn.Module, out_features: list[str]) -> None:
+        """Copies of CLIP's layer1.. up to the last requested stage, as res2.., with their
+        strides and channels."""
         self._out_features = out_features
         self._out_feature_strides = {}
         self._out_feature_channels = {}
@@ -122,13 +201,6 @@ class CLIPResNetBackbone(Backbone):
             self.add_module(name, stage)
             self._out_feature_strides[name] = stride
             self._out_feature_channels[name] = stage[-1].conv3.out_channels
-
-        self.requires_grad_(True)
-        if norm == "FrozenBN":
-            FrozenBatchNorm2d.convert_frozen_batchnorm(self)
-        elif norm == "SyncBN":
-            nn.SyncBatchNorm.convert_sync_batchnorm(self)
-        self.freeze(freeze_at)
 
     def freeze(self, freeze_at: int = 0) -> CLIPResNetBackbone:
         """Freeze the first ``freeze_at`` blocks (1 = stem, 2 = stem + res2, ...)."""
@@ -146,13 +218,16 @@ class CLIPResNetBackbone(Backbone):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """
         Args:
-            x: (B, 3, H, W) normalised images.
+            x: (B, C, H, W) normalised images, C = len(bands).
 
         Returns:
             {"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32, W/32)} for the requested names.
         """
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"CLIPResNetBackbone takes (B, 3, H, W) images, got {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[1] != len(self.bands):
+            raise ValueError(
+                f"CLIPResNetBackbone takes (B, {len(self.bands)}, H, W) images (bands "
+                f"{self.bands}), got {tuple(x.shape)}"
+            )
         outputs = {}
         x = self.stem(x)  # (B, width, H/4, W/4)
         for name in self.stage_names:
@@ -174,9 +249,10 @@ class CLIPResNetBackbone(Backbone):
 def build_clip_resnet_backbone(cfg, input_shape: ShapeSpec) -> CLIPResNetBackbone:
     """Build the CLIP ResNet backbone from ``MODEL.CLIP_RESNET.*`` (``MODEL.BACKBONE.NAME:
     build_clip_resnet_backbone``)."""
-    if input_shape.channels != 3:
+    if input_shape.channels != len(cfg.INPUT.BANDS):
         raise ValueError(
-            f"CLIPResNetBackbone takes 3-channel RGB images, got {input_shape.channels} channels"
+            f"MODEL.PIXEL_MEAN gives {input_shape.channels} input channels but INPUT.BANDS names "
+            f"{len(cfg.INPUT.BANDS)} ({list(cfg.INPUT.BANDS)})"
         )
     return CLIPResNetBackbone(
         model_name=cfg.MODEL.CLIP_RESNET.MODEL_NAME,
@@ -185,4 +261,5 @@ def build_clip_resnet_backbone(cfg, input_shape: ShapeSpec) -> CLIPResNetBackbon
         freeze_at=cfg.MODEL.CLIP_RESNET.FREEZE_AT,
         norm=cfg.MODEL.CLIP_RESNET.NORM,
         require_pretrained=cfg.MODEL.CLIP_RESNET.REQUIRE_PRETRAINED,
+        bands=list(cfg.INPUT.BANDS),
     )
