@@ -142,27 +142,43 @@ def tiny_training(tmp_path, monkeypatch):
     argv += ["INPUT.COLOR_AUG", "False", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0"]
     argv += ["DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0"]
     argv += ["SEED", "7", "OUTPUT_DIR", str(out)]
-    import logging
-
     import torch
-    from detectron2.utils.logger import setup_logger
 
-    names = ("", "segclip_d2", "detectron2", "d2", "fvcore")
-    saved = {n: _logger_state(logging.getLogger(n)) for n in names}
-    for n in names:  # handlers left by earlier runs may write to a closed (captured) stream
-        lg = logging.getLogger(n)
-        lg.handlers = [h for h in lg.handlers if not getattr(_stream(h), "closed", False)]
-    setup_logger.cache_clear()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores: one thread is several times faster than two
     yield argv, out
     torch.set_num_threads(threads)
-    # train_net's loggers write to this test's (captured) stderr: put the loggers back as they
-    # were, and clear detectron2's cache of set-up loggers, so the next run sets up its own
-    for n in names:
+
+
+_LOGGERS = ("", "segclip_d2", "detectron2", "d2", "fvcore")
+
+
+@pytest.fixture(autouse=True)
+def isolated_loggers():
+    """Every test starts and ends with the loggers as they were: an entry point run in-process
+    (train_net's detectron2 setup_logger) attaches handlers to the test's captured stderr, which
+    is closed after the test; a later run writing to it prints "Logging error" tracebacks."""
+    import logging
+
+    saved = {n: _logger_state(logging.getLogger(n)) for n in _LOGGERS}
+    for n in _LOGGERS:  # handlers left by earlier runs may write to a closed (captured) stream
+        lg = logging.getLogger(n)
+        lg.handlers = [h for h in lg.handlers if not getattr(_stream(h), "closed", False)]
+    _clear_setup_logger_cache()
+    yield
+    for n in _LOGGERS:
         lg = logging.getLogger(n)
         lg.handlers, lg.propagate, lg.level = saved[n]
-    setup_logger.cache_clear()
+    _clear_setup_logger_cache()
+
+
+def _clear_setup_logger_cache() -> None:
+    """detectron2's setup_logger caches the loggers it set up: the next run sets up its own."""
+    import sys
+
+    logger_module = sys.modules.get("detectron2.utils.logger")
+    if logger_module is not None:
+        logger_module.setup_logger.cache_clear()
 
 
 def _package_index_reachable() -> tuple[bool, str]:
