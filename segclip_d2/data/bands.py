@@ -54,7 +54,7 @@ def display_rgb(image: np.ndarray, bands: Sequence[str]) -> np.ndarray:
     """An (H, W, C) image of ``bands`` as (H, W, 3) uint8 RGB for looking at: the red, green and
     blue bands (the first band as grey without them); other than uint8, each band stretched
     between its 2nd and 98th percentiles."""
-    from ..raster.io import apply_stretch, stretch_limits
+    from ..raster.sources import apply_stretch, stretch_limits
 
     idx = rgb_indices(bands) if len(bands) == image.shape[2] else None
     rgb = image[..., list(idx)] if idx is not None else np.repeat(image[..., :1], 3, axis=2)

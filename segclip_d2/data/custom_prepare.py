@@ -164,7 +164,7 @@ class DatasetWriter:
         import rasterio
         from rasterio.windows import Window
 
-        from ..raster.io import write_png
+        from ..raster.writers import write_png
 
         win = Window(tile.x, tile.y, tile.w, tile.h)
         data = src.read(window=win, boundless=True, fill_value=src.nodata or 0)  # (C, h, w)
