@@ -329,6 +329,27 @@ def embed_dim_of(model_name: str) -> int:
     return int(model_cfg["embed_dim"])
 
 
+def _resolve_or_warn(model_name, pretrained, require, user, config_key, require_key) -> _Resolution:
+    """The (cached) resolution of a tag; a missing tag's weights raise with ``require``, else
+    warn once per model, tag and config key (the caller holds ``_LOCK``)."""
+    key = (model_name, pretrained)
+    res = _RESOLVED.get(key)
+    if res is None:
+        res = resolve_pretrained(model_name, pretrained)
+        _RESOLVED[key] = res
+    if pretrained and res.path is None:
+        message = _missing_message(model_name, pretrained, res, user, config_key)
+        if require:
+            raise PretrainedWeightsError(message)
+        if (*key, config_key) not in _WARNED:
+            _WARNED.add((*key, config_key))
+            logger.warning(
+                f"{message} Continuing with RANDOMLY INITIALISED weights (set {require_key}="
+                "True to make this an error)."
+            )
+    return res
+
+
 def load_open_clip_model(
     model_name: str,
     pretrained: str,
@@ -356,22 +377,9 @@ def load_open_clip_model(
         caller of this process: never modify it (deep-copy what is trained).
     """
     pretrained = (pretrained or "").strip()
-    key = (model_name, pretrained)
     with _LOCK:
-        res = _RESOLVED.get(key)
-        if res is None:
-            res = resolve_pretrained(model_name, pretrained)
-            _RESOLVED[key] = res
-        if pretrained and res.path is None:
-            message = _missing_message(model_name, pretrained, res, user, config_key)
-            if require_pretrained:
-                raise PretrainedWeightsError(message)
-            if (*key, config_key) not in _WARNED:  # once per model, tag and config key
-                _WARNED.add((*key, config_key))
-                logger.warning(
-                    f"{message} Continuing with RANDOMLY INITIALISED weights (set {require_key}="
-                    "True to make this an error)."
-                )
+        res = _resolve_or_warn(model_name, pretrained, require_pretrained, user, config_key,
+                               require_key)  # fmt: skip
         # Random init (requested or as fallback) is always the same model: a run that fell back
         # to it can be evaluated with pretrained="" and gets identical frozen text embeddings.
         quick_gelu = res.quick_gelu if res.path is not None else False
