@@ -147,11 +147,13 @@ def exported(trained, tmp_path_factory, shared_data):
     tmp = tmp_path_factory.mktemp("onnx")
     crop = tmp / "crop.png"
     cv2.imwrite(str(crop), real_crop(shared_data, TILE))
+    scene = tmp / "scene.png"  # more than two tiles each way: the Deepness check pads it
+    cv2.imwrite(str(scene), real_crop(shared_data, 170)[:150])
     out = tmp / "model.onnx"
     tool = load_tool("export_onnx")
     argv = ["--config-file", str(trained["dir"] / "config.yaml"), "--weights",
             str(trained["path"]), "--tile-size", str(TILE), "--output", str(out),
-            "--verify-image", str(crop)]  # fmt: skip
+            "--verify-image", str(scene)]  # fmt: skip
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = tool.run_main(tool.main, argv)
@@ -162,10 +164,14 @@ def exported(trained, tmp_path_factory, shared_data):
 def test_export_round_trip_on_a_real_loveda_crop(exported):
     assert exported["code"] == 0, exported["stdout"]
     lines = exported["stdout"].splitlines()
-    line = next(x for x in lines if x.startswith("round trip on"))
+    line = next(x for x in lines if x.startswith("fp32 round trip on"))
     agreement = float(line.split("top-1 agreement ")[1].split("%")[0])
     assert agreement >= 99.9, line
-    assert "crop.png" in line and exported["path"].is_file()
+    assert "scene.png" in line and exported["path"].is_file()
+    # the Deepness-style check: 15% of 64 px = 9 px overlap, stride 55, 150x170 -> 174x174
+    line = next(x for x in lines if x.startswith("fp32 Deepness tiling on"))
+    assert "150x170 px, overlap 15% = 9 px, stride 55, black-padded to 174x174, 3x3 tiles" in line
+    assert float(line.split("own windows ")[1].split("%")[0]) > 0
 
 
 def test_exported_file_meets_the_deepness_contract(exported, trained):
@@ -208,7 +214,7 @@ def test_export_fails_loudly_when_the_round_trip_disagrees(exported, capsys):
     argv = [a if a != str(exported["path"]) else str(out) for a in exported["argv"]]
     assert tool.run_main(tool.main, argv + ["--min-agreement", "100.1"]) == 1
     assert "VERIFICATION FAILED" in capsys.readouterr().err
-    assert not out.exists() and not Path(str(out) + ".tmp.onnx").exists()
+    assert not out.exists() and not list(out.parent.glob(".strict.onnx.tmp-*"))
     assert tool.run_main(tool.main, argv[:3] + ["missing.pth"] + argv[4:]) == 2
 
 
@@ -220,7 +226,7 @@ def test_export_refuses_a_model_optimised_for_inference(trained, tmp_path):
     fast = inference_copy(trained["model"], "cpu")
     out = tmp_path / "fast.onnx"
     with pytest.raises(ValueError, match="plain model.*optimised for inference"):
-        export_onnx(fast, {}, TILE, str(out))
+        export_onnx(fast, {}, TILE, str(out), resolution_cm=30.0)
     assert not out.exists()
 
 
