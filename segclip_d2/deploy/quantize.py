@@ -15,7 +15,9 @@ file is copied unchanged, and the file passes the same contract check.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -73,6 +75,17 @@ class TileReader:
         return None if batch is None else {self.input_name: batch}
 
 
+@contextlib.contextmanager
+def quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def float_nodes(onnx_model) -> list[str]:
     """Names of the weight-carrying nodes kept in float (see ``FLOAT_NODE_PARTS``)."""
     return [
@@ -99,17 +112,18 @@ def quantize_int8(fp32_path: str, output: str, tiles: np.ndarray) -> str:
         # shape inference + graph clean-up, so every quantisable node has known shapes
         quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
         kept = float_nodes(onnx.load(prepared))
-        quantize_static(
-            prepared,
-            os.path.join(work, "int8.onnx"),
-            TileReader(source.graph.input[0].name, tiles, mean, std),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(QUANTIZED_OP_TYPES),
-            nodes_to_exclude=kept,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-        )
+        with quiet_root_logger():  # the quantiser logs every bias copy at INFO on the root
+            quantize_static(
+                prepared,
+                os.path.join(work, "int8.onnx"),
+                TileReader(source.graph.input[0].name, tiles, mean, std),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANTIZED_OP_TYPES),
+                nodes_to_exclude=kept,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
         quantized = onnx.load(os.path.join(work, "int8.onnx"))
     check_contract(quantized, output)
     write_metadata(quantized, meta)
