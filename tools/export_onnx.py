@@ -353,6 +353,22 @@ def write_int8(args, fp32_path: str, tiles, check) -> int:
     return 0
 
 
+def print_summary(args, num_classes: int, meta: dict, path: str, seconds: float) -> None:
+    s = args.tile_size
+    print(
+        f"exported {args.output}: input (B, 3, {s}, {s}), output (B, {num_classes}, {s}, {s}), "
+        f"opset {args.opset}, {os.path.getsize(path) / 2**20:.1f} MiB, {seconds:.0f} s"
+    )
+    card = json.loads(meta["segclip_model_card"])
+    print(f"  classes: {json.loads(meta['class_names'])}")
+    print(
+        f"  resolution: {json.loads(meta.get('resolution', 'null')) or 'unknown'} cm/px, "
+        f"tiles_overlap {meta['tiles_overlap']}%, seg_thresh {meta['seg_thresh']}, "
+        f"seg_small_segment {meta['seg_small_segment']}"
+    )
+    print(f"  card metrics: {card.get('metrics') or card.get('metrics_note') or 'none'}")
+
+
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     if not logging.getLogger().handlers:
@@ -390,18 +406,7 @@ def main(argv=None) -> int:
             )  # fmt: skip
         except ValueError as e:
             raise UserError("--tile-size / --opset", str(e)) from e
-        print(
-            f"exported {args.output}: input (B, 3, {args.tile_size}, {args.tile_size}), output "
-            f"(B, {model.vocabulary_size}, {args.tile_size}, {args.tile_size}), opset "
-            f"{args.opset}, {os.path.getsize(tmp) / 2**20:.1f} MiB, "
-            f"{time.perf_counter() - t0:.0f} s"
-        )
-        print(f"  classes: {json.loads(meta['class_names'])}")
-        print(
-            f"  resolution: {json.loads(meta.get('resolution', 'null')) or 'unknown'} cm/px, "
-            f"tiles_overlap {overlap}%, seg_thresh {json.loads(meta['seg_thresh'])}"
-        )
-        print(f"  card metrics: {json.loads(meta['segclip_model_card']).get('metrics') or 'none'}")
+        print_summary(args, model.vocabulary_size, meta, tmp, time.perf_counter() - t0)
         if not args.no_verify:
             rgb, source = verification_image(cfg, args.verify_image, args.tile_size)
             if not verify(model, tmp, "fp32", rgb, source, args.min_agreement):
