@@ -327,30 +327,42 @@ def int8_path(output: str) -> str:
     return f"{root}.int8{ext or '.onnx'}"
 
 
+def write_checked(path: str, write) -> int:
+    """Run ``write(temp)`` on a temp file next to ``path`` (utils.atomic); the temp becomes
+    ``path`` when it returns 0 and is removed otherwise (or on an exception)."""
+    from segclip_d2.utils.atomic import AtomicFile
+
+    f = AtomicFile(path)
+    try:
+        code = write(str(f.tmp))
+    except BaseException:
+        f.abort()
+        raise
+    if code:
+        f.abort()
+    else:
+        f.commit()
+    return code
+
+
 def write_int8(args, fp32_path: str, tiles, check) -> int:
     """Quantise ``fp32_path`` into ``int8_path(args.output)``; 1 (nothing written) when
     ``check(path)`` fails."""
     from segclip_d2.deploy.quantize import quantize_int8
-    from segclip_d2.utils.atomic import AtomicFile
 
     out = int8_path(args.output)
-    t0 = time.perf_counter()
-    f = AtomicFile(out)
-    try:
-        excluded = quantize_int8(fp32_path, str(f.tmp), tiles)
+
+    def write(tmp: str) -> int:
+        t0 = time.perf_counter()
+        excluded = quantize_int8(fp32_path, tmp, tiles)
         print(
             f"int8 {out}: {len(tiles)} calibration tiles from {args.int8}, "
-            f"{os.path.getsize(f.tmp) / 2**20:.1f} MiB, kept in float: {excluded}, "
+            f"{os.path.getsize(tmp) / 2**20:.1f} MiB, kept in float: {excluded}, "
             f"{time.perf_counter() - t0:.0f} s"
         )
-        if check is not None and not check(str(f.tmp)):
-            f.abort()
-            return 1
-    except BaseException:
-        f.abort()
-        raise
-    f.commit()
-    return 0
+        return 0 if check is None or check(tmp) else 1
+
+    return write_checked(out, write)
 
 
 def print_summary(args, num_classes: int, meta: dict, path: str, seconds: float) -> None:
@@ -393,12 +405,12 @@ def main(argv=None) -> int:
     resolution = model_resolution_cm(args, cfg, card)
 
     from segclip_d2.deploy.export import export_onnx
-    from segclip_d2.utils.atomic import AtomicFile
 
-    f = AtomicFile(args.output)
-    tmp = str(f.tmp)
-    t0 = time.perf_counter()
-    try:
+    if not args.no_verify:
+        rgb, source = verification_image(cfg, args.verify_image, args.tile_size)
+
+    def write_fp32(tmp: str) -> int:
+        t0 = time.perf_counter()
         try:
             meta = export_onnx(
                 model, card, args.tile_size, tmp, opset=args.opset, resolution_cm=resolution,
@@ -407,15 +419,12 @@ def main(argv=None) -> int:
         except ValueError as e:
             raise UserError("--tile-size / --opset", str(e)) from e
         print_summary(args, model.vocabulary_size, meta, tmp, time.perf_counter() - t0)
-        if not args.no_verify:
-            rgb, source = verification_image(cfg, args.verify_image, args.tile_size)
-            if not verify(model, tmp, "fp32", rgb, source, args.min_agreement):
-                f.abort()
-                return 1
-    except BaseException:
-        f.abort()
-        raise
-    f.commit()
+        if args.no_verify:
+            return 0
+        return 0 if verify(model, tmp, "fp32", rgb, source, args.min_agreement) else 1
+
+    if write_checked(args.output, write_fp32):
+        return 1
     if not args.int8:
         return 0
 
