@@ -383,3 +383,31 @@ def test_benchmark_onnx_compares_fp32_and_int8_in_their_own_processes(exported, 
     assert [r["overlap_percent"] for r in sweep] == [15, 50] and sweep[1]["tiles"] == 3
     assert "ms/tile" in capsys.readouterr().out
     assert tool.run_main(tool.main, ["--models", str(tmp_path / "no.onnx"), "--images", "."]) == 2
+
+
+def test_resolution_from_opts_or_flag_and_refused_when_unknown(trained, tmp_path, capsys):
+    """A checkpoint and config without a GSD: refused (exit 2, nothing written) unless
+    --opts INPUT.GSD_M 0.3 or --resolution-cm 30 gives it; both write resolution 30."""
+    import onnx
+
+    state = torch.load(trained["path"], map_location="cpu", weights_only=False)
+    state[CARD_KEY]["training"]["gsd_m"] = None
+    torch.save(state, tmp_path / "nogsd.pth")
+    cfg = trained["cfg"].clone()
+    cfg.defrost()
+    cfg.INPUT.GSD_M = 0.0
+    (tmp_path / "config.yaml").write_text(cfg.dump())
+    tool = load_tool("export_onnx")
+    out = tmp_path / "m.onnx"
+    argv = ["--config-file", str(tmp_path / "config.yaml"), "--weights",
+            str(tmp_path / "nogsd.pth"), "--tile-size", str(TILE), "--output", str(out),
+            "--no-verify"]  # fmt: skip
+    assert tool.run_main(tool.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resolution is unknown" in err[0] and "--resolution-cm" in err[0]
+    assert not out.exists() and not list(tmp_path.glob(".m.onnx.tmp-*"))
+    for extra in (["--opts", "INPUT.GSD_M", "0.3"], ["--resolution-cm", "30"]):
+        assert tool.run_main(tool.main, argv + extra) == 0
+        meta = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
+        assert meta["resolution"] == pytest.approx(30.0) and meta["seg_thresh"] == 0
+        out.unlink()
