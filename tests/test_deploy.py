@@ -217,6 +217,7 @@ def test_int8_export_carries_the_metadata_and_keeps_the_sampling_in_float(export
     import onnx
 
     from segclip_d2.deploy.export import float64_tensors, nonstandard_ops
+    from segclip_d2.deploy.quantize import float_nodes
 
     assert exported["code"] == 0, exported["stdout"]
     lines = exported["stdout"].splitlines()
@@ -233,15 +234,17 @@ def test_int8_export_carries_the_metadata_and_keeps_the_sampling_in_float(export
     conv_inputs = [producers.get(i) for n in int8.graph.node if n.op_type == "Conv"
                    for i in n.input[:2]]  # fmt: skip
     assert all(p is not None and p.op_type == "DequantizeLinear" for p in conv_inputs)
-    for node in int8.graph.node:  # the deformable sampling reads float tensors only
-        if node.op_type == "GridSample" or (
-            node.op_type == "MatMul" and "sampling_offsets" in node.name
-        ):
+    kept = float_nodes(fp32)  # the deformable sampling's projections read float tensors only
+    offsets = [name for name in kept if "attention_weights" not in name]
+    assert len(offsets) >= 1 and len(kept) == 2 * len(offsets), kept
+    for node in int8.graph.node:
+        if node.op_type == "GridSample" or node.name in kept:
             for name in node.input:
                 assert producers.get(name) is None or producers[name].op_type not in (
                     "DequantizeLinear",
                     "QuantizeLinear",
                 ), node.name
+    assert sum(n.name in kept for n in int8.graph.node) == len(kept)
     assert os.path.getsize(exported["int8"]) < 0.5 * os.path.getsize(exported["path"])
 
 

@@ -9,8 +9,8 @@ channel, uint8 activations calibrated on the tiles (min-max). Only the operators
 weights are quantised (``Conv``, ``MatMul``, ``Gemm``); the deformable-attention sampling stays
 float: ``GridSample`` and everything around it is not in the list, and the two projections that
 compute where and how much to sample (``sampling_offsets``, ``attention_weights``: an int8 step
-of a sampling offset moves the sampled point) are excluded by name. The metadata of the fp32
-file is copied unchanged, and the file passes the same contract check.
+of a sampling offset moves the sampled point) are excluded (:func:`float_nodes`). The metadata
+of the fp32 file is copied unchanged, and the file passes the same contract check.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ from segclip_d2.errors import UserError
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
 # Node name parts kept in float: the deformable attention's sampling offsets and weights.
 FLOAT_NODE_PARTS = ("sampling_offsets", "attention_weights")
+# Walking back from a sampling grid stops here: these outputs carry shapes or integer
+# positions, not values a quantised weight could shift (the refinement's point grid comes from
+# TopK indices).
+VALUE_FREE_OPS = ("Shape", "TopK", "ArgMax", "NonZero", "Size")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
@@ -87,12 +91,29 @@ def quiet_root_logger():
 
 
 def float_nodes(onnx_model) -> list[str]:
-    """Names of the weight-carrying nodes kept in float (see ``FLOAT_NODE_PARTS``)."""
-    return [
+    """Names of the weight-carrying nodes kept in float: those named after the attention
+    weights (``FLOAT_NODE_PARTS``) and the first ones met walking back from every
+    ``GridSample``'s sampling grid (the sampling offsets, whose node the tracer may leave
+    unnamed; shape-only and index-only inputs are not followed, ``VALUE_FREE_OPS``)."""
+    graph = onnx_model.graph
+    producers = {out: n for n in graph.node for out in n.output}
+    keep = {
         n.name
-        for n in onnx_model.graph.node
-        if n.op_type in QUANTIZED_OP_TYPES and any(part in n.name for part in FLOAT_NODE_PARTS)
-    ]
+        for n in graph.node
+        if n.op_type in QUANTIZED_OP_TYPES and any(p in n.name for p in FLOAT_NODE_PARTS)
+    }
+    stack = [n.input[1] for n in graph.node if n.op_type == "GridSample"]
+    seen = set()
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or id(node) in seen or node.op_type in VALUE_FREE_OPS:
+            continue
+        seen.add(id(node))
+        if node.op_type in QUANTIZED_OP_TYPES:
+            keep.add(node.name)
+        else:
+            stack.extend(node.input)
+    return sorted(keep)
 
 
 def quantize_int8(fp32_path: str, output: str, tiles: np.ndarray) -> str:
@@ -130,5 +151,6 @@ def quantize_int8(fp32_path: str, output: str, tiles: np.ndarray) -> str:
     onnx.save(quantized, output)
     return (
         f"every operator but {'/'.join(QUANTIZED_OP_TYPES)} (GridSample and the rest of the "
-        f"deformable sampling among them), and {len(kept)} {FLOAT_NODE_PARTS} projections"
+        f"deformable sampling among them), and the {len(kept)} sampling-offset and "
+        "attention-weight projections"
     )
