@@ -5,12 +5,13 @@
 
 The result is a QDQ graph (``QuantizeLinear`` / ``DequantizeLinear`` around the quantised
 operators, all standard ONNX, so Deepness's onnxruntime runs it): int8 weights per output
-channel, uint8 activations calibrated on the tiles (min-max). Only the operators that carry the
-weights are quantised (``Conv``, ``MatMul``, ``Gemm``); the deformable-attention sampling stays
-float: ``GridSample`` and everything around it is not in the list, and the two projections that
-compute where and how much to sample (``sampling_offsets``, ``attention_weights``: an int8 step
-of a sampling offset moves the sampled point) are excluded (:func:`float_nodes`). The metadata
-of the fp32 file is copied unchanged, and the file passes the same contract check.
+channel, uint8 activations calibrated on the tiles (99.999th percentile of each range). Only
+the operators that carry the weights are quantised (``Conv``, ``MatMul``, ``Gemm``). The
+deformable-attention sampling stays float: ``GridSample`` and everything around it is not in
+that list, and the two projections that compute where and how much to sample (sampling
+offsets, attention weights: an int8 step of an offset moves the sampled point) are excluded
+(:func:`float_nodes`). The metadata of the fp32 file is copied unchanged, and the file passes
+the same contract check.
 """
 
 from __future__ import annotations
@@ -119,7 +120,12 @@ def float_nodes(onnx_model) -> list[str]:
 def quantize_int8(fp32_path: str, output: str, tiles: np.ndarray) -> str:
     """Write the int8 QDQ model of ``fp32_path`` to ``output``; returns what stayed float."""
     import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from segclip_d2.deploy.export import check_contract, write_metadata
@@ -139,6 +145,8 @@ def quantize_int8(fp32_path: str, output: str, tiles: np.ndarray) -> str:
                 os.path.join(work, "int8.onnx"),
                 TileReader(source.graph.input[0].name, tiles, mean, std),
                 quant_format=QuantFormat.QDQ,
+                # 99.999th percentile ranges: 97.7% pixel agreement where min-max gave 95.5%
+                calibrate_method=CalibrationMethod.Percentile,
                 op_types_to_quantize=list(QUANTIZED_OP_TYPES),
                 nodes_to_exclude=kept,
                 per_channel=True,
