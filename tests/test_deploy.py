@@ -173,9 +173,9 @@ def test_export_round_trip_on_a_real_loveda_crop(exported):
     agreement = float(line.split("top-1 agreement ")[1].split("%")[0])
     assert agreement >= 99.9, line
     assert "scene.png" in line and exported["path"].is_file()
-    # the Deepness-style check: 15% of 64 px = 9 px overlap, stride 55, 150x170 -> 174x174
+    # the Deepness-style check: 50% of 64 px = 32 px overlap, stride 32, 150x170 -> 160x192
     line = next(x for x in lines if x.startswith("fp32 Deepness tiling on"))
-    assert "150x170 px, overlap 15% = 9 px, stride 55, black-padded to 174x174, 3x3 tiles" in line
+    assert "150x170 px, overlap 50% = 32 px, stride 32, black-padded to 160x192, 4x5 tiles" in line
     assert float(line.split("own windows ")[1].split("%")[0]) > 0
 
 

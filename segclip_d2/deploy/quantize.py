@@ -17,6 +17,7 @@ the same contract check.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -81,12 +82,15 @@ class TileReader:
 
 
 @contextlib.contextmanager
-def quiet_root_logger():
+def quiet_quantiser():
+    """The quantiser logs every bias copy at INFO on the root logger and prints its calibration
+    steps: both kept out of the tool's output."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.WARNING))
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         root.setLevel(level)
 
@@ -139,7 +143,7 @@ def quantize_int8(fp32_path: str, output: str, tiles: np.ndarray) -> str:
         # shape inference + graph clean-up, so every quantisable node has known shapes
         quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
         kept = float_nodes(onnx.load(prepared))
-        with quiet_root_logger():  # the quantiser logs every bias copy at INFO on the root
+        with quiet_quantiser():
             quantize_static(
                 prepared,
                 os.path.join(work, "int8.onnx"),
