@@ -147,25 +147,36 @@ def exported(trained, tmp_path_factory, shared_data):
     tmp = tmp_path_factory.mktemp("onnx")
     crop = tmp / "crop.png"
     cv2.imwrite(str(crop), real_crop(shared_data, TILE))
+    scene = tmp / "scene.png"  # more than two tiles each way: the Deepness check pads it
+    cv2.imwrite(str(scene), real_crop(shared_data, 170)[:150])
+    calib = tmp / "calibration"  # int8 calibration: real LoveDA imagery
+    calib.mkdir()
+    full = cv2.imread(str(shared_data / "loveda" / "images" / "1.png"))
+    cv2.imwrite(str(calib / "a.png"), full[:128, :192])
+    cv2.imwrite(str(calib / "b.png"), full[500:628, 600:792])
     out = tmp / "model.onnx"
     tool = load_tool("export_onnx")
     argv = ["--config-file", str(trained["dir"] / "config.yaml"), "--weights",
             str(trained["path"]), "--tile-size", str(TILE), "--output", str(out),
-            "--verify-image", str(crop)]  # fmt: skip
+            "--verify-image", str(scene), "--int8", str(calib)]  # fmt: skip
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = tool.run_main(tool.main, argv)
     return {"tool": tool, "argv": argv, "path": out, "crop": crop, "tmp": tmp, "code": code,
-            "stdout": printed.getvalue()}  # fmt: skip
+            "stdout": printed.getvalue(), "int8": tmp / "model.int8.onnx"}  # fmt: skip
 
 
 def test_export_round_trip_on_a_real_loveda_crop(exported):
     assert exported["code"] == 0, exported["stdout"]
     lines = exported["stdout"].splitlines()
-    line = next(x for x in lines if x.startswith("round trip on"))
+    line = next(x for x in lines if x.startswith("fp32 round trip on"))
     agreement = float(line.split("top-1 agreement ")[1].split("%")[0])
     assert agreement >= 99.9, line
-    assert "crop.png" in line and exported["path"].is_file()
+    assert "scene.png" in line and exported["path"].is_file()
+    # the Deepness-style check: 50% of 64 px = 32 px overlap, stride 32, 150x170 -> 160x192
+    line = next(x for x in lines if x.startswith("fp32 Deepness tiling on"))
+    assert "150x170 px, overlap 50% = 32 px, stride 32, black-padded to 160x192, 4x5 tiles" in line
+    assert float(line.split("own windows ")[1].split("%")[0]) > 0
 
 
 def test_exported_file_meets_the_deepness_contract(exported, trained):
@@ -202,13 +213,64 @@ def test_exported_file_meets_the_deepness_contract(exported, trained):
     assert probs.min() >= 0
 
 
+def test_int8_export_carries_the_metadata_and_keeps_the_sampling_in_float(exported):
+    import onnx
+
+    from segclip_d2.deploy.export import float64_tensors, nonstandard_ops
+    from segclip_d2.deploy.quantize import float_nodes
+
+    assert exported["code"] == 0, exported["stdout"]
+    lines = exported["stdout"].splitlines()
+    assert any(x.startswith("int8 round trip on") for x in lines), exported["stdout"]
+    assert any(x.startswith("int8 Deepness tiling on") for x in lines), exported["stdout"]
+    fp32, int8 = onnx.load(str(exported["path"])), onnx.load(str(exported["int8"]))
+    onnx.checker.check_model(int8)
+    assert float64_tensors(int8) == [] and nonstandard_ops(int8) == []
+    meta = {p.key: p.value for p in fp32.metadata_props}
+    assert {p.key: p.value for p in int8.metadata_props} == meta
+    producers = {out: n for n in int8.graph.node for out in n.output}
+    ops = [n.op_type for n in int8.graph.node]
+    assert ops.count("DequantizeLinear") > 10 and "QuantizeLinear" in ops
+    conv_inputs = [producers.get(i) for n in int8.graph.node if n.op_type == "Conv"
+                   for i in n.input[:2]]  # fmt: skip
+    assert all(p is not None and p.op_type == "DequantizeLinear" for p in conv_inputs)
+    kept = float_nodes(fp32)  # the deformable sampling's projections read float tensors only
+    offsets = [name for name in kept if "attention_weights" not in name]
+    assert len(offsets) >= 1 and len(kept) == 2 * len(offsets), kept
+    for node in int8.graph.node:
+        if node.op_type == "GridSample" or node.name in kept:
+            for name in node.input:
+                assert producers.get(name) is None or producers[name].op_type not in (
+                    "DequantizeLinear",
+                    "QuantizeLinear",
+                ), node.name
+    assert sum(n.name in kept for n in int8.graph.node) == len(kept)
+    assert os.path.getsize(exported["int8"]) < 0.5 * os.path.getsize(exported["path"])
+
+
+def test_int8_file_runs_in_the_demo_predictor(exported):
+    """OnnxSegmenter (what demo --onnx runs) takes the int8 file with the same call."""
+    from segclip_d2.deploy.onnx_predictor import OnnxSegmenter
+
+    rgb = cv2.imread(str(exported["crop"]))[:, :, ::-1]
+    valid = np.ones(rgb.shape[:2], bool)
+    valid[:5] = False
+    fp32, int8 = OnnxSegmenter(str(exported["path"])), OnnxSegmenter(str(exported["int8"]))
+    assert int8.class_names == fp32.class_names and int8.tile_size == TILE
+    ids, probs = int8(rgb, valid)
+    assert ids.shape == (TILE, TILE) and (ids[:5] == 255).all() and (ids[5:] < 7).all()
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-4)
+    agreement = (ids[5:] == fp32(rgb, valid)[0][5:]).mean()
+    assert agreement > 0.5, agreement  # tiny random model; real figures: tools/benchmark_onnx.py
+
+
 def test_export_fails_loudly_when_the_round_trip_disagrees(exported, capsys):
     tool = exported["tool"]
     out = exported["tmp"] / "strict.onnx"
     argv = [a if a != str(exported["path"]) else str(out) for a in exported["argv"]]
     assert tool.run_main(tool.main, argv + ["--min-agreement", "100.1"]) == 1
     assert "VERIFICATION FAILED" in capsys.readouterr().err
-    assert not out.exists() and not Path(str(out) + ".tmp.onnx").exists()
+    assert not out.exists() and not list(out.parent.glob(".strict.onnx.tmp-*"))
     assert tool.run_main(tool.main, argv[:3] + ["missing.pth"] + argv[4:]) == 2
 
 
@@ -220,7 +282,7 @@ def test_export_refuses_a_model_optimised_for_inference(trained, tmp_path):
     fast = inference_copy(trained["model"], "cpu")
     out = tmp_path / "fast.onnx"
     with pytest.raises(ValueError, match="plain model.*optimised for inference"):
-        export_onnx(fast, {}, TILE, str(out))
+        export_onnx(fast, {}, TILE, str(out), resolution_cm=30.0)
     assert not out.exists()
 
 
@@ -300,3 +362,53 @@ def test_demo_onnx_runs_without_torch(exported, tmp_path, write_geotiff):
     seg = OnnxSegmenter(str(path))
     rgb = cv2.imread(str(inputs / "tile.png"))[:, :, ::-1]
     np.testing.assert_array_equal(ids[:, :64], seg(rgb, np.ones(rgb.shape[:2], bool))[0][:, :64])
+
+
+def test_benchmark_onnx_compares_fp32_and_int8_in_their_own_processes(exported, tmp_path, capsys):
+    assert exported["code"] == 0, exported["stdout"]
+    tool = load_tool("benchmark_onnx")
+    images = tmp_path / "images"
+    images.mkdir()
+    crop = cv2.imread(str(exported["crop"]))
+    cv2.imwrite(str(images / "a.png"), np.concatenate([crop, crop[::-1]], 1))  # 64 x 128
+    out = tmp_path / "bench.json"
+    argv = ["--models", str(exported["path"]), str(exported["int8"]), "--images", str(images),
+            "--tiles", "2", "--rounds", "1", "--threads", "1", "--overlaps", "15", "50",
+            "--json", str(out)]  # fmt: skip
+    assert tool.run_main(tool.main, argv) == 0
+    res = json.loads(out.read_text())
+    fp32, int8 = res["models"]
+    assert fp32["agreement"] == 1.0 and fp32["speedup"] == 1.0 and fp32["peak_rss_mib"] > 10
+    assert 0.5 < int8["agreement"] <= 1.0 and int8["mib"] < fp32["mib"]
+    sweep = res["deepness_overlaps"]
+    assert [r["overlap_percent"] for r in sweep] == [15, 50] and sweep[1]["tiles"] == 3
+    assert "ms/tile" in capsys.readouterr().out
+    assert tool.run_main(tool.main, ["--models", str(tmp_path / "no.onnx"), "--images", "."]) == 2
+
+
+def test_resolution_from_opts_or_flag_and_refused_when_unknown(trained, tmp_path, capsys):
+    """A checkpoint and config without a GSD: refused (exit 2, nothing written) unless
+    --opts INPUT.GSD_M 0.3 or --resolution-cm 30 gives it; both write resolution 30."""
+    import onnx
+
+    state = torch.load(trained["path"], map_location="cpu", weights_only=False)
+    state[CARD_KEY]["training"]["gsd_m"] = None
+    torch.save(state, tmp_path / "nogsd.pth")
+    cfg = trained["cfg"].clone()
+    cfg.defrost()
+    cfg.INPUT.GSD_M = 0.0
+    (tmp_path / "config.yaml").write_text(cfg.dump())
+    tool = load_tool("export_onnx")
+    out = tmp_path / "m.onnx"
+    argv = ["--config-file", str(tmp_path / "config.yaml"), "--weights",
+            str(tmp_path / "nogsd.pth"), "--tile-size", str(TILE), "--output", str(out),
+            "--no-verify"]  # fmt: skip
+    assert tool.run_main(tool.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resolution is unknown" in err[0] and "--resolution-cm" in err[0]
+    assert not out.exists() and not list(tmp_path.glob(".m.onnx.tmp-*"))
+    for extra in (["--opts", "INPUT.GSD_M", "0.3"], ["--resolution-cm", "30"]):
+        assert tool.run_main(tool.main, argv + extra) == 0
+        meta = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
+        assert meta["resolution"] == pytest.approx(30.0) and meta["seg_thresh"] == 0
+        out.unlink()
