@@ -39,7 +39,7 @@ gpu-check:
 
 bench: setup
 	$(PY) tools/benchmark_msda.py
-	$(PY) tools/benchmark_inference.py
+	$(PY) tools/benchmark_inference.py --ab --allow-random-weights --opts MODEL.WEIGHTS ""
 
 clean-venv:
 	rm -rf .venv

@@ -23,6 +23,7 @@ from ..predict.blocks import (
     PreviewSink,
     ProbsFn,
     ResampledProbs,
+    block_probs,
     check_blend,
     predict_source,
 )
@@ -246,3 +247,25 @@ __all__ = [
     "outputs_complete",
     "predict_to_outputs",
 ]
+
+
+def predict_file(predictor, path: str | Path, out_dir: str | Path, **options) -> list[Path]:
+    """Predict one image or raster with a loaded predictor and write its outputs into
+    ``out_dir``; returns their paths (``<stem>_pred.tif`` first for a GeoTIFF, georeferenced).
+
+    ``predictor``: the one loader's :class:`~segclip_d2.predict.load.Predictor` or an
+    :class:`~segclip_d2.deploy.onnx_predictor.OnnxSegmenter` (``predict_probs``, ``class_names``,
+    ``colors``). ``options``: :class:`OutputOptions` fields (``probabilities="uint8"``,
+    ``vector="gpkg"``, ...). The demo adds input expansion, ranks and the run manifest to this.
+    """
+    from ..raster.sources import open_source
+
+    opts = OutputOptions(class_names=predictor.class_names, colors=predictor.colors, **options)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = open_source(path)
+    try:
+        names, _ = predict_to_outputs(src, block_probs(predictor), out_dir, Path(path).stem, opts)
+    finally:
+        src.close()
+    return [out_dir / n for n in names]
