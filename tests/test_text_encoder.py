@@ -339,3 +339,39 @@ def test_loaded_tower_that_disagrees_with_stored_embeddings_is_an_error(encoder,
         allowed(["harbour"])
     assert "allow_mismatch" in caplog.text
     torch.testing.assert_close(allowed(LOVEDA), reference.flip(0), rtol=0, atol=0)
+
+
+def test_a_datasets_own_prompts_replace_the_template_and_several_are_ensembled():
+    """classes.yaml prompts reach the embeddings: a plain prompt is used as it is, "{}" is filled
+    with the name, several prompts give the normalised mean; other classes keep the template."""
+    own = {"tree": ["a tree", "woodland"], "water": ["{} seen from above"]}
+    enc = FrozenCLIPTextEncoder(pretrained="", class_prompts=own)
+    plain = FrozenCLIPTextEncoder(pretrained="")
+    assert enc.prompts(["water", "road"]) == ["water seen from above", "a photo with a road"]
+    emb = enc(["tree", "water", "road"])  # (3, D)
+    parts = plain._encode(["a tree", "woodland"], torch.device("cpu"))
+    ensemble = torch.nn.functional.normalize(parts.mean(0), dim=0)
+    torch.testing.assert_close(emb[0], ensemble, rtol=0, atol=1e-6)
+    torch.testing.assert_close(emb[1], plain._encode(["water seen from above"], emb.device)[0])
+    torch.testing.assert_close(emb[2], plain(["road"])[0])
+    assert not torch.allclose(emb[0], plain(["tree"])[0], atol=1e-3)
+
+
+def test_prompts_come_from_the_training_datasets_metadata():
+    from detectron2.config import get_cfg
+    from detectron2.data import MetadataCatalog
+
+    from segclip_d2 import add_segclip_config
+
+    name = "prompted_test_train"
+    if name not in MetadataCatalog.list():
+        MetadataCatalog.get(name).set(
+            stuff_classes=["tree", "road"], prompts=[["a tree", "woodland"], ["road"]]
+        )
+    cfg = get_cfg()
+    add_segclip_config(cfg)
+    cfg.DATASETS.TRAIN = (name,)
+    cfg.MODEL.SEGCLIP.TEXT.PRETRAINED = ""
+    enc = FrozenCLIPTextEncoder(cfg)
+    # the class whose only prompt is its name keeps the template
+    assert enc.prompts(["tree", "road"]) == ["a tree | woodland", "a photo with a road"]

@@ -21,9 +21,10 @@ import contextlib
 import copy
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
@@ -46,6 +47,10 @@ __all__ = ["FrozenCLIPTextEncoder", "TextEncoderMismatchError"]
 MISMATCH_TOLERANCE = 1e-4
 
 _TOKENIZERS: dict[str, object] = {}
+
+
+# Joins the prompts of a class with several (their embeddings are averaged); no prompt holds it.
+PROMPT_SEPARATOR = " | "
 
 
 def _get_tokenizer(model_name: str):
@@ -100,6 +105,7 @@ class FrozenCLIPTextEncoder(nn.Module):
         prompt_template: str = PROMPT_TEMPLATE,
         normalize: bool = True,
         allow_mismatch: bool = False,
+        class_prompts: Mapping[str, Sequence[str]] | None = None,
     ):
         """
         Args:
@@ -114,6 +120,10 @@ class FrozenCLIPTextEncoder(nn.Module):
             normalize: L2-normalise the embeddings (CLIP's joint-space convention).
             allow_mismatch: when the loaded tower disagrees with stored embeddings, warn and keep
                 the stored ones for their prompts instead of raising.
+            class_prompts: the dataset's own prompts of some classes (``classes.yaml`` of a
+                custom dataset): ``{name: [prompt, ...]}``. A prompt with "{}" is a template for
+                the name; several prompts give the normalised mean of their embeddings (CLIP's
+                prompt ensembling). Other classes use ``prompt_template``.
         """
         super().__init__()
         if prompt_template.count("{}") != 1:
@@ -133,6 +143,12 @@ class FrozenCLIPTextEncoder(nn.Module):
         self._clip: _Shared | None = None  # shared, frozen, CPU text tower once loaded
         self._towers: dict[torch.device, _Shared] = {}  # frozen text tower per device
         self._cache: dict[tuple[torch.device, str], torch.Tensor] = {}  # (D,) per prompt
+        self.class_prompts = {
+            str(n): tuple(str(p) for p in ps) for n, ps in (class_prompts or {}).items() if ps
+        }
+        for name, ps in self.class_prompts.items():
+            if any(PROMPT_SEPARATOR in p for p in ps):
+                raise ValueError(f"class {name!r}: a prompt may not contain {PROMPT_SEPARATOR!r}")
         self._stored: dict[str, torch.Tensor] = {}  # (D,) CPU, from a model card
         self.stored_identity: dict | None = None
         self.num_encoder_calls = 0
@@ -147,6 +163,7 @@ class FrozenCLIPTextEncoder(nn.Module):
             "require_pretrained": cfg.MODEL.SEGCLIP.TEXT.REQUIRE_PRETRAINED,
             "prompt_template": cfg.MODEL.SEGCLIP.TEXT.PROMPT_TEMPLATE,
             "allow_mismatch": cfg.MODEL.SEGCLIP.TEXT.ALLOW_MISMATCH,
+            "class_prompts": _dataset_prompts(cfg),
         }
 
     @property
@@ -168,7 +185,16 @@ class FrozenCLIPTextEncoder(nn.Module):
             raise TypeError(
                 f"class_names must be a sequence of names, got the string {class_names!r}"
             )
-        return [self.prompt_template.replace("{}", prompt_name(str(n))) for n in class_names]
+        return [self._prompt(str(n)) for n in class_names]
+
+    def _prompt(self, name: str) -> str:
+        """One class's prompt; a class with several prompts gets them joined by
+        ``PROMPT_SEPARATOR`` (its embedding is their ensemble, see :meth:`_encode`)."""
+        own = self.class_prompts.get(name)
+        if not own:
+            return self.prompt_template.replace("{}", prompt_name(name))
+        filled = [p.replace("{}", prompt_name(name)) for p in own]
+        return PROMPT_SEPARATOR.join(filled)
 
     def clear_cache(self) -> None:
         """Drop the cached embeddings (the next call encodes again; stored ones stay)."""
@@ -279,6 +305,21 @@ class FrozenCLIPTextEncoder(nn.Module):
 
     @torch.no_grad()
     def _encode(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        """(P, D) float32 embeddings of ``prompts`` on ``device``; a prompt made of several
+        (joined by ``PROMPT_SEPARATOR``) gets the normalised mean of theirs."""
+        parts = [p.split(PROMPT_SEPARATOR) for p in prompts]
+        flat = [q for ps in parts for q in ps]
+        emb = self._encode_texts(flat, device)  # (sum of parts, D)
+        if len(flat) == len(prompts):
+            return emb
+        out, i = [], 0
+        for ps in parts:
+            mean = emb[i : i + len(ps)].mean(0)
+            out.append(F.normalize(mean, dim=0) if self.normalize else mean)
+            i += len(ps)
+        return torch.stack(out)
+
+    def _encode_texts(self, prompts: list[str], device: torch.device) -> torch.Tensor:
         """Run the transformer on ``prompts``: (P, D) float32 on ``device``."""
         tower = self._tower(device)
         context_length = int(tower.context_length)
@@ -325,3 +366,17 @@ class FrozenCLIPTextEncoder(nn.Module):
             f"model_name={self.model_name!r}, weights={weights!r}, embed_dim={self.embed_dim}, "
             f"prompt_template={self.prompt_template!r}, normalize={self.normalize}{stored}"
         )
+
+
+def _dataset_prompts(cfg) -> dict[str, list[str]]:
+    """The prompts a training dataset registers for its classes (custom datasets' classes.yaml);
+    a class whose only prompt is its own name uses the template."""
+    from detectron2.data import MetadataCatalog
+
+    if not cfg.DATASETS.TRAIN or cfg.DATASETS.TRAIN[0] not in MetadataCatalog.list():
+        return {}
+    meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
+    names, prompts = meta.get("stuff_classes", None), meta.get("prompts", None)
+    if not names or not prompts or len(prompts) != len(names):
+        return {}
+    return {str(n): list(p) for n, p in zip(names, prompts) if list(p) != [str(n)]}
