@@ -27,6 +27,14 @@ Band handling (both sources):
 - 8-bit data is used as is. Any other data type (16-bit, 32-bit, float) is stretched per band
   from its 2nd..98th percentile to 0..255; the percentiles are computed once per raster (from a
   decimated read for GeoTIFFs, excluding no-data) so every window uses the same stretch.
+
+A model of other bands than RGB 0..255 (``model_bands``/``values`` of :func:`open_source`, from
+its card: N bands, or statistics of 16-bit data) gets its bands in its own order, chosen by
+number (``--bands``, one per model band) or by name (the raster's band descriptions, or colour
+tags red/green/blue), or all of an unnamed raster's bands in file order when their count is the
+model's; anything else is an :class:`InputError` listing the raster's bands and the model's.
+Their values are passed unscaled (the model normalises them with its dataset statistics); only
+the previews (``source.display``) stretch them.
 """
 
 from __future__ import annotations
