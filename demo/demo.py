@@ -64,7 +64,9 @@ def setup_cfg(args):
 def load_backend(args):
     """The model of ``--onnx`` (onnxruntime, no torch) or ``--config-file`` (PyTorch): an object
     with ``predict_probs(rgb) -> (K, h, w)``, ``__call__(rgb, valid) -> (ids, probs)``,
-    ``class_names``, ``colors``, ``trained_gsd``, ``model_file``. Every problem is a UserError."""
+    ``class_names``, ``colors``, ``bands`` and ``values`` (the input bands, chosen from each
+    raster by name or ``--bands``), ``trained_gsd``, ``model_file``. Every problem is a
+    UserError."""
     from segclip_d2.errors import UserError
 
     if args.onnx:
@@ -98,18 +100,29 @@ def load_backend(args):
     return backend
 
 
+def check_bands(args, backend) -> None:
+    """``--bands`` gives as many bands as the model reads (3 or 1 for an RGB model)."""
+    from segclip_d2.errors import UserError
+    from segclip_d2.raster.sources import check_band_count
+
+    try:
+        check_band_count(args.bands, backend.bands)
+    except ValueError as e:
+        raise UserError("--bands", str(e).removeprefix("--bands ")) from None
+
+
 def check_onnx_output(backend) -> None:
-    """The exported model gives (B, K, S, S) class probabilities for its (B, 3, S, S) tiles."""
+    """The exported model gives (B, K, S, S) class probabilities for its (B, C, S, S) tiles."""
     import numpy as np
 
     from segclip_d2.errors import UserError
 
-    s, k = backend.tile_size, backend.num_classes
-    shape = tuple(backend.predict_batch(np.zeros((1, s, s, 3), np.float32)).shape)
+    s, k, c = backend.tile_size, backend.num_classes, len(backend.bands)
+    shape = tuple(backend.predict_batch(np.zeros((1, s, s, c), np.float32)).shape)
     if shape != (1, k, s, s):
         raise UserError(
             backend.path,
-            f"the model maps a (1, 3, {s}, {s}) tile to {shape}, not (1, {k}, {s}, {s}): "
+            f"the model maps a (1, {c}, {s}, {s}) tile to {shape}, not (1, {k}, {s}, {s}): "
             "probabilities at another resolution than the input, or another number of classes",
             "export the model with tools/export_onnx.py",
         )
@@ -157,6 +170,7 @@ def _main(argv=None) -> int:
     logger.setLevel(logging.INFO)
     check_writable_dir(args.output, "--output")
     backend = load_backend(args)
+    check_bands(args, backend)
     opts = output_options(args, backend.class_names, backend.colors)
     out_dir = Path(args.output)
     files, missing = expand_inputs(args.input, out_dir, is_output_name)
@@ -177,6 +191,7 @@ def _main(argv=None) -> int:
         not args.no_progress,
         args.skip_existing,
     )
+    run.model_bands, run.values = backend.bands, backend.values
     run.settings = run_settings(args, backend)
     run.summary = {
         "model_file": backend.model_file,

@@ -152,7 +152,14 @@ def _add_model_arguments(p) -> None:
 def _add_block_arguments(p) -> None:
     from .predict.blocks import BLOCK_BLENDS
 
-    p.add_argument("--bands", type=band_list, default=None, help="1-based R,G,B bands, e.g. 3,2,1")
+    p.add_argument(
+        "--bands",
+        type=band_list,
+        default=None,
+        help="1-based band numbers in the model's band order: R,G,B for an RGB model (e.g. "
+        "3,2,1), one per input band for an N-band model (default: by the raster's band "
+        "descriptions)",
+    )
     p.add_argument("--block-size", type=positive_int, default=1024, help="pixels per block (1024)")
     p.add_argument(
         "--block-margin", type=non_negative_int, default=128, help="context around blocks (128)"

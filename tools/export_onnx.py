@@ -7,10 +7,10 @@ verify the file against PyTorch.
         [--opset 17] [--classes "road,water,forest"] [--verify-image tile.png] [--no-verify] \\
         [--resolution-cm 30] [--tiles-overlap 15] [--int8 calibration_tiles/]
 
-The file takes ``(B, 3, S, S)`` float32 normalised tiles (B dynamic, S = --tile-size) and gives
-``(B, K, S, S)`` class probabilities summing to 1 (see :mod:`segclip_d2.deploy.export`), with the
-Deepness metadata and the checkpoint's model card in ``metadata_props`` (its metrics only when
-they were evaluated on the weights it ships).
+The file takes ``(B, C, S, S)`` float32 normalised tiles (C = the model's bands, 3 for RGB; B
+dynamic, S = --tile-size) and gives ``(B, K, S, S)`` class probabilities summing to 1 (see
+:mod:`segclip_d2.deploy.export`), with the Deepness metadata and the checkpoint's model card
+in ``metadata_props`` (its metrics only when they were evaluated on the weights it ships).
 
 Resolution (cm/px, what Deepness resamples the raster to): ``--resolution-cm`` when given, else
 the GSD in the checkpoint's card, else the config's ``INPUT.GSD_M`` (``--opts INPUT.GSD_M 0.3``).
@@ -172,9 +172,12 @@ def model_resolution_cm(args, cfg, card) -> float | None:
 
 
 def verification_image(cfg, path: str, size: int):
-    """(H, W, 3) uint8 RGB image for the checks and a description of where it came from."""
+    """(H, W, 3) uint8 RGB image (an N-band model: (H, W, C) of its bands) for the checks and a
+    description of where it came from."""
     import cv2
 
+    if list(cfg.INPUT.BANDS) != ["red", "green", "blue"]:
+        return band_image(cfg, path, size)
     if path:
         bgr = cv2.imread(path, cv2.IMREAD_COLOR)
         if bgr is None:
@@ -196,6 +199,46 @@ def verification_image(cfg, path: str, size: int):
     return rgb, "synthetic aerial tile (seed 0)"
 
 
+def band_image(cfg, path: str, size: int):
+    """The verification image of an N-band model: ``path`` (its bands chosen by name, as the
+    demo chooses them), else the first test image, else a synthetic NIR tile."""
+    from segclip_d2.raster.sources import InputError, open_source
+    from segclip_d2.utils.bands import input_values
+
+    bands = [str(b).lower() for b in cfg.INPUT.BANDS]
+    values = input_values(bands, cfg.MODEL.PIXEL_MEAN)
+    candidates = [path] if path else _first_test_image(cfg)
+    for p in candidates:
+        try:
+            src = open_source(p, None, bands, values)
+        except InputError as e:
+            if path:
+                raise UserError(path, str(e).removeprefix(f"{path}: ")) from None
+            continue
+        try:
+            return src.read(0, 0, src.height, src.width)[0], p
+        finally:
+            src.close()
+    from segclip_d2.data.synthetic import NIR_BANDS, generate_tile
+
+    if bands != list(NIR_BANDS):
+        raise UserError(
+            "--verify-image", f"none found for a model of the bands {bands}", "pass one"
+        )
+    image, _ = generate_tile(0, size=max(2 * size, 64), nodata_prob=0.0, nir=True)
+    return image, "synthetic aerial NIR tile (seed 0)"
+
+
+def _first_test_image(cfg) -> list[str]:
+    try:
+        from detectron2.data import DatasetCatalog
+
+        records = DatasetCatalog.get(cfg.DATASETS.TEST[0]) if len(cfg.DATASETS.TEST) else []
+    except (KeyError, OSError, ValueError, TypeError):
+        return []
+    return [records[0]["file_name"]] if records and os.path.isfile(records[0]["file_name"]) else []
+
+
 def centre_crop(rgb, size: int, fill):
     """The centre ``size x size`` of ``rgb``, padded with ``fill`` where it is smaller."""
     import numpy as np
@@ -203,14 +246,15 @@ def centre_crop(rgb, size: int, fill):
     h, w = rgb.shape[:2]
     y0, x0 = max(0, (h - size) // 2), max(0, (w - size) // 2)
     crop = rgb[y0 : y0 + size, x0 : x0 + size]
-    tile = np.empty((size, size, 3), np.uint8)
-    tile[:] = np.asarray(fill, np.float32).round().astype(np.uint8)
+    tile = np.empty((size, size, rgb.shape[2]), rgb.dtype)
+    fill = np.asarray(fill, np.float32)
+    tile[:] = fill.round().astype(np.uint8) if rgb.dtype == np.uint8 else fill
     tile[: crop.shape[0], : crop.shape[1]] = crop
     return np.ascontiguousarray(tile)
 
 
 def round_trip(model, onnx_path: str, tile) -> dict:
-    """onnxruntime vs PyTorch fp32 on one (S, S, 3) RGB tile."""
+    """onnxruntime vs PyTorch fp32 on one (S, S, C) tile."""
     import numpy as np
     import torch
 
@@ -349,7 +393,8 @@ def write_int8(args, fp32_path: str, tiles, check) -> int:
 def print_summary(args, num_classes: int, meta: dict, path: str, seconds: float) -> None:
     s = args.tile_size
     print(
-        f"exported {args.output}: input (B, 3, {s}, {s}), output (B, {num_classes}, {s}, {s}), "
+        f"exported {args.output}: input (B, {len(json.loads(meta['standardization_mean']))}, "
+        f"{s}, {s}), output (B, {num_classes}, {s}, {s}), "
         f"opset {args.opset}, {os.path.getsize(path) / 2**20:.1f} MiB, {seconds:.0f} s"
     )
     card = json.loads(meta["segclip_model_card"])
@@ -383,6 +428,8 @@ def main(argv=None) -> int:
     if not os.path.isdir(out_dir):
         raise UserError(args.output, f"folder {out_dir} does not exist")
     cfg, model, card = build(args)
+    if args.int8 and list(cfg.INPUT.BANDS) != ["red", "green", "blue"]:
+        raise UserError("--int8", "calibration reads RGB images", "export an RGB model's int8")
     resolution = model_resolution_cm(args, cfg, card)
 
     from segclip_d2.deploy.export import export_onnx

@@ -7,7 +7,9 @@
 * ``text_encoder``: the identity of the frozen CLIP text encoder (open_clip model name,
   pretrained value, weights file name and SHA-256, or random init) and ``text_embeddings``, the
   (K, D) class embeddings the model was trained with;
-* ``input``: format (RGB, 0..255), ``pixel_mean`` / ``pixel_std``, size divisibility;
+* ``input``: format, ``bands`` (names in file order), ``values`` (``rgb_0_255``: 8-bit RGB, other
+  data stretched to it; ``as_read``: the band values unscaled, see :mod:`segclip_d2.utils.bands`),
+  ``pixel_mean`` / ``pixel_std`` (one per band), size divisibility;
 * ``training``: dataset(s), crop size, ground sample distance ``gsd_m`` (``INPUT.GSD_M``,
   None when unknown), iteration;
 * ``metrics``: the latest evaluation results at save time (``sem_seg/mIoU`` ...), when known;
@@ -26,6 +28,8 @@ import json
 import logging
 import os
 import subprocess
+
+from ..utils.bands import RGB_NAMES, input_values
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +71,8 @@ def card_config_fields(cfg) -> dict:
         "class_head": cfg.MODEL.SEGCLIP.CLASS_HEAD,
         "input": {
             "format": cfg.INPUT.FORMAT,
-            "value_range": [0, 255],
+            "bands": list(cfg.INPUT.BANDS),
+            "values": input_values(cfg.INPUT.BANDS, cfg.MODEL.PIXEL_MEAN),
             "pixel_mean": [float(v) for v in cfg.MODEL.PIXEL_MEAN],
             "pixel_std": [float(v) for v in cfg.MODEL.PIXEL_STD],
             "size_divisibility": int(cfg.MODEL.SEGCLIP.SIZE_DIVISIBILITY),
@@ -219,6 +224,17 @@ def read_onnx_card(path: str) -> dict:
     return check_card(card, path)
 
 
+def card_bands(card: dict) -> list[str]:
+    """The model's input band names; a card from before band names were recorded: RGB."""
+    return list((card.get("input") or {}).get("bands") or RGB_NAMES)
+
+
+def card_values(card: dict) -> str:
+    """The card's ``input.values``; derived from its bands and statistics when not recorded."""
+    inp = card.get("input") or {}
+    return inp.get("values") or input_values(card_bands(card), inp.get("pixel_mean") or ())
+
+
 def format_model_card(card: dict, path: str = "") -> str:
     """The card as a human-readable text (what ``tools/model_card.py`` prints)."""
     lines = [f"Model card of {path}" if path else "Model card"]
@@ -232,7 +248,7 @@ def format_model_card(card: dict, path: str = "") -> str:
     lines.append(f"  GSD:             {f'{gsd} m/px ({gsd * 100:g} cm/px)' if gsd else 'unknown'}")
     inp = card.get("input") or {}
     lines.append(
-        f"  input format:    {inp.get('format')} {inp.get('value_range')}, mean "
+        f"  input bands:     {','.join(card_bands(card))} ({card_values(card)}), mean "
         f"{inp.get('pixel_mean')}, std {inp.get('pixel_std')}"
     )
     enc = card.get("text_encoder") or {}

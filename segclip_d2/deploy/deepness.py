@@ -102,14 +102,15 @@ def deepness_class_ids(
     small_segment: int = 0,
     batch_size: int = 1,
 ) -> np.ndarray:
-    """Class ids (h, w) int64 of an (h, w, 3) RGB 0..255 raster, tiled as the plugin tiles it.
+    """Class ids (h, w) int64 of an (h, w, C) raster (RGB 0..255 for an RGB model), tiled as the
+    plugin tiles it.
 
-    ``predict_batch`` maps (B, S, S, 3) RGB tiles to (B, K, S, S) probabilities (for instance
+    ``predict_batch`` maps (B, S, S, C) tiles to (B, K, S, S) probabilities (for instance
     :meth:`OnnxSegmenter.predict_batch`, whose normalisation is the plugin's standardisation).
     """
     h, w = rgb.shape[:2]
     g = deepness_grid(h, w, tile, overlap_percent)
-    image = np.zeros((g.padded_height, g.padded_width, 3), np.uint8)
+    image = np.zeros((g.padded_height, g.padded_width, rgb.shape[2]), rgb.dtype)
     image[g.top : g.top + h, :w] = rgb
     full = np.zeros((g.padded_height, g.padded_width), np.int64)
     boxes = [(i, j) for i in range(g.rows) for j in range(g.cols)]

@@ -2,7 +2,8 @@
 
 The exported graph maps one batch of normalised tiles to class probabilities:
 
-* input ``image``: ``(B, 3, S, S)`` float32, RGB, ``(pixel / 255 - mean) / std`` with the
+* input ``image``: ``(B, C, S, S)`` float32, the model's C bands (RGB for an RGB model; the
+  card's ``input.bands`` name them), ``(pixel / 255 - mean) / std`` with the
   ``standardization_mean`` / ``standardization_std`` of the metadata (0-1 scale; the same as
   ``(pixel - PIXEL_MEAN) / PIXEL_STD`` on the 0..255 scale). B is dynamic, S static (Deepness
   reads the tile size from the input shape);
@@ -97,7 +98,7 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class SegCLIPProbabilities(nn.Module):
-    """``(B, 3, S, S)`` normalised tiles -> ``(B, K, S, S)`` probabilities summing to 1.
+    """``(B, C, S, S)`` normalised tiles -> ``(B, K, S, S)`` probabilities summing to 1.
 
     The class text embeddings of the current vocabulary are frozen into the module (a buffer),
     so the graph holds no text encoder.
@@ -129,7 +130,7 @@ class SegCLIPProbabilities(nn.Module):
 
 
 def normalise(images: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """(B, 3, H, W) RGB 0..255 -> the exported graph's input."""
+    """(B, C, H, W) bands (RGB 0..255 for an RGB model) -> the exported graph's input."""
     return (images.float() - model.pixel_mean.cpu()) / model.pixel_std.cpu()
 
 
@@ -256,7 +257,11 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} has no GridSample; use --opset {MIN_OPSET} or later")
     head = SegCLIPProbabilities(model, tile_size)
-    dummy = torch.zeros(1, 3, tile_size, tile_size)
+    channels = int(model.pixel_mean.numel())
+    bands = (card.get("input") or {}).get("bands")
+    if bands is not None and len(bands) != channels:
+        raise ValueError(f"the card names {len(bands)} bands, the model reads {channels}")
+    dummy = torch.zeros(1, channels, tile_size, tile_size)
     with export_mode(model), warnings.catch_warnings():
         # the tracer warns about every Python int it bakes in: S is static by design
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -289,7 +294,7 @@ def export_onnx(
 
 @torch.no_grad()
 def pytorch_probabilities(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The PyTorch fp32 reference of the exported graph on (B, 3, S, S) RGB 0..255 tiles: the
+    """The PyTorch fp32 reference of the exported graph on (B, C, S, S) tiles: the
     model's own ``predict_sem_seg_probs`` (its fast CPU path), normalised over K."""
     probs = model.predict_sem_seg_probs(images.float())
     return probs / probs.sum(1, keepdim=True).clamp_min(1e-12)

@@ -3,11 +3,12 @@
     from segclip_d2.deploy.onnx_predictor import OnnxSegmenter
 
     seg = OnnxSegmenter("model.onnx")
-    probs = seg.predict_probs(rgb)          # (K, H, W) float32 for an (H, W, 3) uint8 RGB image
+    probs = seg.predict_probs(rgb)          # (K, H, W) float32 for an (H, W, C) image of seg.bands
     ids = probs.argmax(0)                   # class ids; seg.class_names[i] names class i
 
-Everything the model needs is read from the file: the tile size S from the input shape, the
-class names, the normalisation and the model card from ``metadata_props`` (see
+Everything the model needs is read from the file: the tile size S and the band count C from the
+input shape, the class names, the normalisation (C values) and the model card (its
+``input.bands`` name the C bands, RGB when absent) from ``metadata_props`` (see
 :mod:`segclip_d2.deploy.export`). Images of any size are predicted in windows of S pixels every
 ``stride`` pixels (default 2/3 S, the sliding-window convention of the PyTorch path's configs),
 averaging the probabilities where windows overlap; windows hanging over the border are padded
@@ -21,6 +22,7 @@ import os
 
 import numpy as np
 
+from segclip_d2.checkpoint.card import card_bands, card_values
 from segclip_d2.errors import UserError
 from segclip_d2.predict.windows import window_starts
 
@@ -59,8 +61,8 @@ class OnnxSegmenter:
             ) from e
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         shape = inputs[0].shape
-        if len(inputs) != 1 or len(outputs) != 1 or len(shape) != 4 or shape[1] != 3:
-            raise UserError(self.path, "is not a SegCLIP export (one (B, 3, S, S) input expected)")
+        if len(inputs) != 1 or len(outputs) != 1 or len(shape) != 4 or not _positive(shape[1]):
+            raise UserError(self.path, "is not a SegCLIP export (one (B, C, S, S) input expected)")
         if not (isinstance(shape[2], int) and shape[2] == shape[3]):
             raise UserError(self.path, f"input shape {shape} is not a static square tile")
         self.input_name = inputs[0].name
@@ -81,6 +83,7 @@ class OnnxSegmenter:
         self.mean = np.asarray(self.metadata["standardization_mean"], np.float32) * 255.0
         self.std = np.asarray(self.metadata["standardization_std"], np.float32) * 255.0
         self.card = self.metadata.get("segclip_model_card") or {}
+        self._read_bands(int(shape[1]))
         colors = self.card.get("colors") or []
         if len(colors) != len(self.class_names) or self.card.get("class_names") != self.class_names:
             colors = _palette(len(self.class_names))
@@ -89,6 +92,20 @@ class OnnxSegmenter:
         if not 0 < self.stride <= self.tile_size:
             raise UserError("--onnx-stride", f"must be in 1..{self.tile_size}, got {self.stride}")
         self.batch_size = max(1, int(batch_size))
+
+    def _read_bands(self, channels: int) -> None:
+        """``bands``, ``values`` from the card; UserError when they or the normalisation do not
+        match the input's ``channels``."""
+        self.bands, self.values = card_bands(self.card), card_values(self.card)
+        counts = {len(self.bands), self.mean.size, self.std.size}
+        if counts != {channels}:
+            raise UserError(
+                self.path,
+                f"the input has {channels} channels but the card names {len(self.bands)} bands "
+                f"({','.join(self.bands)}) and the metadata has {self.mean.size}/{self.std.size} "
+                "standardization values",
+                "re-export the model with tools/export_onnx.py",
+            )
 
     @property
     def num_classes(self) -> int:
@@ -101,22 +118,24 @@ class OnnxSegmenter:
         )
 
     def normalise(self, tiles: np.ndarray) -> np.ndarray:
-        """(B, S, S, 3) RGB 0..255 -> (B, 3, S, S) float32 model input."""
+        """(B, S, S, C) bands (RGB 0..255 for an RGB model) -> (B, C, S, S) float32 input."""
         x = (np.asarray(tiles, np.float32) - self.mean) / self.std
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
     def predict_batch(self, tiles: np.ndarray) -> np.ndarray:
-        """(B, S, S, 3) RGB 0..255 tiles -> (B, K, S, S) float32 probabilities."""
+        """(B, S, S, C) tiles -> (B, K, S, S) float32 probabilities."""
         return self.session.run(None, {self.input_name: self.normalise(tiles)})[0]
 
     def predict_probs(self, rgb: np.ndarray) -> np.ndarray:
-        """(H, W, 3) RGB image -> (K, H, W) float32 probabilities (windows, see module doc)."""
-        if rgb.ndim != 3 or rgb.shape[2] != 3:
-            raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
+        """(H, W, C) image of the model's bands -> (K, H, W) float32 probabilities (windows,
+        see module doc)."""
+        c = len(self.bands)
+        if rgb.ndim != 3 or rgb.shape[2] != c:
+            raise ValueError(f"expected an (H, W, {c}) image of {self.bands}, got {rgb.shape}")
         h, w = rgb.shape[:2]
         s = self.tile_size
         ph, pw = max(h, s), max(w, s)
-        image = np.empty((ph, pw, 3), np.float32)
+        image = np.empty((ph, pw, c), np.float32)
         image[:] = self.mean  # padding = pixel mean = 0 after normalisation
         image[:h, :w] = rgb
         boxes = [(y, x) for y in window_starts(ph, s, self.stride)
@@ -132,7 +151,7 @@ class OnnxSegmenter:
         return (total / count)[:, :h, :w]
 
     def __call__(self, rgb: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """The demo pipeline's predictor: RGB (h, w, 3) + validity (h, w) -> uint8 class ids
+        """The demo pipeline's predictor: bands (h, w, C) + validity (h, w) -> uint8 class ids
         (``IGNORE_LABEL`` where invalid) and (K, h, w) float32 probabilities (``None`` for a
         block without a valid pixel), as :class:`segclip_d2.predict.blocks.ClassPredictor`."""
         ids = np.full(rgb.shape[:2], IGNORE_LABEL, dtype=np.uint8)
@@ -142,6 +161,10 @@ class OnnxSegmenter:
         pred = probs.argmax(0).astype(np.uint8)
         ids[valid] = pred[valid]
         return ids, probs
+
+
+def _positive(dim) -> bool:
+    return isinstance(dim, int) and dim > 0
 
 
 def _palette(n: int) -> list[tuple[int, int, int]]:

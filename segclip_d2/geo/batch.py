@@ -174,6 +174,8 @@ class InputRun:
         self.out_dir, self.probs_fn, self.opts = Path(out_dir), probs_fn, opts
         self.gsd_policy = gsd_policy
         self.bands, self.progress, self.skip_existing = None, False, False
+        # the model's input band names and values (model_band_names): RGB rules when None
+        self.model_bands, self.values = None, None
         self.settings: dict = {}
         self.summary: dict = {}
         self.records: list[dict] = []
@@ -212,7 +214,7 @@ class InputRun:
             logger.info("%s: outputs complete with these settings, skipped", path)
             return {**rec, "status": "skipped", "seconds": 0.0}
         try:
-            src = open_source(path, self.bands)
+            src = open_source(path, self.bands, self.model_bands, self.values)
             try:
                 scale = self.gsd_policy.scale_for(src)
                 _, n = predict_to_outputs(src, self.probs_fn, self.out_dir, stem, self.opts, scale)

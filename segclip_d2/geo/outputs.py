@@ -222,7 +222,7 @@ def _stage_images(src, image, out_dir: Path, stem: str, names, opts: OutputOptio
         if src.is_geotiff:
             ids, rgb = image.ids, image.rgb  # the preview
         else:
-            ids, rgb = image.ids, src.rgb
+            ids, rgb = image.ids, src.display(src.rgb)
             staged.append(staged_png(out_dir / names[0], ids))
         color = colorize(ids, opts.colors)
         staged.append(staged_png(out_dir / f"{stem}_color.png", color))

@@ -35,7 +35,8 @@ def block_grid(height: int, width: int, block: int) -> list[tuple[int, int, int,
     ]
 
 
-# The pipeline's view of a back-end: RGB (h, w, 3) uint8 + validity (h, w) bool -> class
+# The pipeline's view of a back-end: the model's C bands (h, w, C) (RGB uint8 for an RGB
+# model) + validity (h, w) bool -> class
 # probabilities (K, h, w) float32 summing to 1 over K, or None for a block with no valid pixel.
 ProbsFn = Callable[[np.ndarray, np.ndarray], "np.ndarray | None"]
 
@@ -63,7 +64,8 @@ def block_probs(backend) -> ProbsFn:
 
 
 class ClassPredictor:
-    """The PyTorch back-end: RGB uint8 (h, w, 3) -> class probabilities (K, h, w) float32 through
+    """The PyTorch back-end: (h, w, C) bands (RGB uint8 for an RGB model; the model checks C) ->
+    class probabilities (K, h, w) float32 through
     ``inferencer(predict_fn, image)``; the model's class scores are normalised to sum to 1 over
     the K classes at every pixel (the argmax is unchanged). Called as ``predictor(rgb, valid) ->
     (ids, probs)`` like ``deploy.onnx_predictor.OnnxSegmenter``."""
@@ -78,7 +80,7 @@ class ClassPredictor:
     def predict_probs(self, rgb: np.ndarray) -> np.ndarray:
         import torch
 
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, h, w)
+        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (C, h, w)
         probs = self.inferencer(self.predict_fn, image.to(self.device).float())  # (K, h, w)
         # Class scores (sum over queries of p(class) * mask) -> a distribution over the K classes.
         probs = probs / probs.sum(dim=0, keepdim=True).clamp_min(1e-12)
@@ -177,7 +179,8 @@ def predict_source(
     blend: str = "cosine",
 ) -> int:
     """Predict ``source`` block by block and feed the result to ``sinks``:
-    ``sink.add(y, x, ids (h, w), rgb (h, w, 3), probs (K, h, w) or None)``.
+    ``sink.add(y, x, ids (h, w), rgb (h, w, 3), probs (K, h, w) or None)``; ``probs_fn`` gets
+    the blocks as read (the model's bands), the sinks ``source.display`` of them (RGB).
 
     Every block is predicted with ``margin`` pixels of context on each side and read once.
     ``blend="crop"`` keeps only each block's centre; the tapers (``flat``, ``linear``,
@@ -202,6 +205,7 @@ def predict_source(
         from tqdm import tqdm
 
         it = tqdm(blocks, desc=f"{getattr(source, 'path', 'image')}", unit="block", leave=False)
+    display = getattr(source, "display", None) or (lambda image: image)
     acc = None
     if blend != "crop" and margin > 0:
         acc = _BlendAccumulator(height, width, blocks, block_size, margin, blend, sinks)
@@ -210,6 +214,7 @@ def predict_source(
         y1, x1 = min(height, y + h + margin), min(width, x + w + margin)
         rgb, valid = source.read(y0, x0, y1 - y0, x1 - x0)
         probs = probs_fn(rgb, valid)  # (K, y1 - y0, x1 - x0) or None
+        rgb = display(rgb)  # the sinks' view: (h, w, 3) uint8 RGB
         if acc is not None:
             acc.add(y0, x0, rgb, valid, probs)
             continue

@@ -28,6 +28,7 @@ from ..checkpoint.card import CARD_KEY, check_card, read_onnx_card
 from ..checkpoint.files import check_finite, detectron2_layout, read_checkpoint
 from ..config.load import load_config, load_config_text
 from ..errors import UserError, check_trained_weights, check_weights_file
+from ..utils.bands import input_values
 from .blocks import ClassPredictor
 from .inferencer import SegInferencer
 from .precision import effective_precision
@@ -195,11 +196,13 @@ class Predictor:
     """A loaded model as a class-map predictor, with the same call as
     :class:`~segclip_d2.deploy.onnx_predictor.OnnxSegmenter` (so the demo has one flow).
 
-    ``predictor(rgb (h, w, 3) uint8/float, valid (h, w) bool or None)`` ->
+    ``predictor(rgb (h, w, C) uint8/float, valid (h, w) bool or None)`` ->
     ``(ids (h, w) uint8, 255 where not valid; probs (K, h, w) float32 summing to 1, or None for a
     block without a valid pixel)``. Attributes: ``cfg``, ``model``, ``inferencer`` (whole/slide,
     TTA, precision as configured), ``class_names``, ``colors``, ``card`` (the checkpoint's
-    model card, ``{}`` when it has none), ``device``, ``precision`` (the effective one)."""
+    model card, ``{}`` when it has none), ``device``, ``precision`` (the effective one),
+    ``bands`` (the C input band names, ``INPUT.BANDS``) and ``values`` (what they hold,
+    :func:`~segclip_d2.utils.bands.input_values`)."""
 
     def __init__(self, cfg, model, card: dict | None = None):
         self.cfg, self.model, self.card = cfg, model, dict(card or {})
@@ -208,6 +211,8 @@ class Predictor:
         self.inferencer = SegInferencer(cfg)
         self._predict = ClassPredictor(model.predict_sem_seg_probs, self.inferencer, self.device)
         self.class_names = list(model.class_names)
+        self.bands = [str(b).lower() for b in cfg.INPUT.BANDS]
+        self.values = input_values(self.bands, cfg.MODEL.PIXEL_MEAN)
         known, colors = _dataset_vocabulary(cfg)
         if self.card.get("class_names") == self.class_names and self.card.get("colors"):
             known, colors = self.card["class_names"], self.card["colors"]
@@ -228,7 +233,7 @@ class Predictor:
         self.class_names = names
 
     def predict_probs(self, rgb: np.ndarray) -> np.ndarray:
-        """(K, h, w) float32 class probabilities of an (h, w, 3) image."""
+        """(K, h, w) float32 class probabilities of an (h, w, C) image of the model's bands."""
         return self._predict.predict_probs(rgb)
 
     def __call__(self, rgb: np.ndarray, valid: np.ndarray | None = None):

@@ -27,6 +27,14 @@ Band handling (both sources):
 - 8-bit data is used as is. Any other data type (16-bit, 32-bit, float) is stretched per band
   from its 2nd..98th percentile to 0..255; the percentiles are computed once per raster (from a
   decimated read for GeoTIFFs, excluding no-data) so every window uses the same stretch.
+
+A model of other bands than RGB 0..255 (``model_bands``/``values`` of :func:`open_source`, from
+its card: N bands, or statistics of 16-bit data) gets its bands in its own order, chosen by
+number (``--bands``, one per model band) or by name (the raster's band descriptions, or colour
+tags red/green/blue), or all of an unnamed raster's bands in file order when their count is the
+model's; anything else is an :class:`InputError` listing the raster's bands and the model's.
+Their values are passed unscaled (the model normalises them with its dataset statistics); only
+the previews (``source.display``) stretch them.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from ..utils.bands import AS_READ, RGB_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +91,25 @@ def parse_bands(text: str | None) -> tuple[int, ...] | None:
         bands = tuple(int(b) for b in str(text).split(","))
     except ValueError:
         raise ValueError(f"--bands must be comma-separated band numbers, got {text!r}") from None
-    if len(bands) not in (1, 3) or min(bands) < 1:
-        raise ValueError(f"--bands needs 3 (or 1) band numbers starting at 1, got {text!r}")
+    if min(bands) < 1:
+        raise ValueError(f"--bands needs band numbers starting at 1, got {text!r}")
     return bands
+
+
+def check_band_count(bands: Sequence[int] | None, model_bands: Sequence[str] | None) -> None:
+    """``ValueError`` when ``--bands`` gives a count the model cannot read: 3 (or 1, replicated)
+    for an RGB model (``model_bands`` None or red, green, blue), one per input band otherwise."""
+    if bands is None:
+        return
+    names = list(model_bands or RGB_NAMES)
+    if names == list(RGB_NAMES):
+        if len(bands) not in (1, 3):
+            raise ValueError(f"--bands needs 3 (or 1) band numbers, got {len(bands)}")
+    elif len(bands) != len(names):
+        raise ValueError(
+            f"--bands gives {len(bands)} band(s) but the model reads {len(names)} "
+            f"({','.join(names)}); give {len(names)} band numbers in that order"
+        )
 
 
 def stretch_limits(band: np.ndarray, valid: np.ndarray | None = None) -> tuple[float, float]:
@@ -114,6 +140,7 @@ def _choose_bands(
     band is never taken for alpha, and more than 3 bands without RGB tags are refused."""
     alpha = interp.index("alpha") + 1 if "alpha" in interp else None
     if bands is not None:
+        check_band_count(bands, None)
         bad = [b for b in bands if b > count]
         if bad:
             raise InputError(f"{path}: --bands {list(bands)} but the image has {count} band(s)")
@@ -139,6 +166,84 @@ def _choose_bands(
         "blue; choose three with --bands R,G,B (1-based, e.g. --bands 3,2,1 for B,G,R,NIR "
         "or --bands 2,3,4 for NIR,R,G,B)"
     )
+
+
+def _choose_model_bands(
+    path: str, bands: Sequence[int] | None, names: Sequence[str], model_bands: Sequence[str]
+) -> tuple[tuple[int, ...], int | None]:
+    """Pick (band numbers in the model's order, alpha band number or None) for a model of the
+    bands ``model_bands`` from a raster whose bands are named ``names`` (band description or
+    colour tag, lower case, "" when none): by number (``bands``, 1-based), else by name, else
+    all the raster's bands in file order when none is named and their count is the model's."""
+    count, n = len(names), len(model_bands)
+    alpha = names.index("alpha") + 1 if "alpha" in names else None
+    if bands is not None:
+        check_band_count(bands, model_bands)
+        if max(bands) > count:
+            raise InputError(f"{path}: --bands {list(bands)} but the image has {count} band(s)")
+        return tuple(bands), alpha if alpha not in bands else None
+    if all(m in names for m in model_bands):
+        return tuple(names.index(m) + 1 for m in model_bands), alpha
+    data = [i + 1 for i, c in enumerate(names) if c != "alpha"]
+    if len(data) == n and not any(names[i - 1] for i in data):
+        logger.info("%s: %d unnamed bands used in file order as %s", path, n, list(model_bands))
+        return tuple(data), alpha
+    found = ", ".join(f"{i + 1}={c or 'unnamed'}" for i, c in enumerate(names))
+    raise InputError(
+        f"{path}: {count} band(s) ({found}) but the model reads {n} ({','.join(model_bands)}); "
+        f"name them in the raster's band descriptions or choose {n} with --bands (1-based, "
+        "in the model's order)"
+    )
+
+
+def _band_names(descriptions: Sequence[str | None], interp: Sequence[str]) -> list[str]:
+    """Each band's name: its description, else its colour tag when red, green, blue or alpha."""
+    tags = (*RGB_NAMES, "alpha")
+    return [
+        (d or "").strip().lower() or (c if c in tags else "") for d, c in zip(descriptions, interp)
+    ]
+
+
+def _as_model_input(chans: Sequence[np.ndarray]) -> np.ndarray:
+    """(h, w, C) of the chosen bands: uint8 kept, anything else float32 with NaN as 0."""
+    data = np.stack(chans, axis=-1)
+    if data.dtype == np.uint8:
+        return np.ascontiguousarray(data)
+    return np.nan_to_num(data.astype(np.float32, copy=False), nan=0.0)
+
+
+def model_band_names(
+    model_bands: Sequence[str] | None, values: str | None = None
+) -> tuple[str, ...] | None:
+    """The band names a source picks for a model, or None for an RGB 0..255 model (colour
+    tags, 1 grey band replicated, other data types stretched: the RGB rules above)."""
+    if model_bands is None:
+        return None
+    names = tuple(str(b).strip().lower() for b in model_bands)
+    return None if names == RGB_NAMES and values != AS_READ else names
+
+
+class BandDisplay:
+    """(h, w, C) model bands -> (h, w, 3) uint8 RGB for previews: the red, green and blue bands
+    of ``model_bands`` (else the first band as grey), each stretched between the raster's
+    ``limits`` (one (lo, hi) or None per band: None = 8-bit, shown as is). Identity for RGB."""
+
+    def __init__(self, model_bands: Sequence[str] | None = None, limits=None):
+        self.model_bands = model_bands
+        if model_bands is not None:
+            names = list(model_bands)
+            rgb = all(c in names for c in RGB_NAMES)
+            self.index = [names.index(c) for c in RGB_NAMES] if rgb else [0, 0, 0]
+            self.limits = [limits[i] for i in self.index]
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if self.model_bands is None:
+            return image
+        chans = []
+        for i, lim in zip(self.index, self.limits):
+            band = image[..., i]
+            chans.append(band.astype(np.uint8) if lim is None else apply_stretch(band, *lim))
+        return np.ascontiguousarray(np.stack(chans, axis=-1))
 
 
 def _format_interp(count: int) -> list[str]:
@@ -229,14 +334,45 @@ class ArraySource:
     """An ordinary image file decoded into memory."""
 
     is_geotiff = False
+    display = BandDisplay()
     crs = None
     transform = None
     nodata = None
 
-    def __init__(self, path: str | Path, bands: Sequence[int] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        bands: Sequence[int] | None = None,
+        model_bands: Sequence[str] | None = None,
+        values: str | None = None,
+    ):
         self.path = str(path)
         if not os.path.isfile(self.path):
             raise InputError(f"{self.path}: no such file")
+        raw = self._decode()
+        count = raw.shape[2]
+        model = model_band_names(model_bands, values)
+        if model is not None:  # the model's bands as read (no stretch)
+            names = _band_names([None] * count, _format_interp(count))
+            chosen, alpha_band = _choose_model_bands(self.path, bands, names, model)
+            self.rgb = _as_model_input([raw[:, :, b - 1] for b in chosen])  # (H, W, C)
+            self.valid = np.ones(raw.shape[:2], dtype=bool)
+            if alpha_band is not None:
+                self.valid = raw[:, :, alpha_band - 1] > 0
+            if self.rgb.dtype != np.uint8:
+                self.valid &= np.isfinite(raw[:, :, [b - 1 for b in chosen]]).all(axis=2)
+            limits = [
+                None if raw.dtype == np.uint8 else stretch_limits(self.rgb[..., i], self.valid)
+                for i in range(len(chosen))
+            ]
+            self.display = BandDisplay(model, limits)
+        else:
+            self._rgb(raw, bands)
+            self.display = BandDisplay()
+        self.height, self.width = self.rgb.shape[:2]
+
+    def _decode(self) -> np.ndarray:
+        """The file's pixels (H, W, count) as displayed, band 1 red for colour images."""
         raw = cv2.imread(self.path, cv2.IMREAD_UNCHANGED)
         if raw is None or raw.size == 0:
             raise InputError(f"{self.path}: cannot be decoded (corrupt file or unsupported format)")
@@ -249,6 +385,11 @@ class ArraySource:
         # OpenCV decodes colour as BGR(A); make band 1 red like every other reader.
         if count in (3, 4):
             raw = raw[:, :, [2, 1, 0] + ([3] if count == 4 else [])]
+        return raw
+
+    def _rgb(self, raw: np.ndarray, bands: Sequence[int] | None) -> None:
+        """``self.rgb`` (H, W, 3) uint8 and ``self.valid`` by the RGB rules."""
+        count = raw.shape[2]
         rgb_bands, alpha_band = _choose_bands(self.path, count, bands, _format_interp(count))
         valid = np.ones(raw.shape[:2], dtype=bool)
         if alpha_band is not None:
@@ -267,10 +408,10 @@ class ArraySource:
             chans.append(band)
         self.rgb = np.ascontiguousarray(np.stack(chans, axis=-1))  # (H, W, 3) uint8
         self.valid = valid  # (H, W) bool
-        self.height, self.width = self.rgb.shape[:2]
 
     def read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        """RGB (h, w, 3) uint8 and validity (h, w) bool of a window."""
+        """RGB (h, w, 3) uint8 (an N-band model's bands: (h, w, N)) and validity (h, w) bool
+        of a window."""
         return self.rgb[y : y + h, x : x + w], self.valid[y : y + h, x : x + w]
 
     def close(self) -> None:
@@ -284,7 +425,13 @@ class GeoTiffSource:
 
     is_geotiff = True
 
-    def __init__(self, path: str | Path, bands: Sequence[int] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        bands: Sequence[int] | None = None,
+        model_bands: Sequence[str] | None = None,
+        values: str | None = None,
+    ):
         import rasterio
 
         self.path = str(path)
@@ -297,6 +444,7 @@ class GeoTiffSource:
                 f"{self.path}: cannot be opened as a raster ({gdal_reason(e)})"
             ) from None
         ds = self._ds
+        self.model_bands = model_band_names(model_bands, values)
         try:
             self._setup(bands)
         except Exception:
@@ -307,13 +455,7 @@ class GeoTiffSource:
         from rasterio.enums import MaskFlags
 
         ds = self._ds
-        interp = [c.name for c in ds.colorinterp]
-        self.palette = _palette_lut(ds) if interp == ["palette"] and not bands else None
-        if self.palette is not None:
-            self.bands, self.alpha_band = (1, 1, 1), None
-            logger.info("%s: paletted band expanded through its colour table", self.path)
-        else:
-            self.bands, self.alpha_band = _choose_bands(self.path, ds.count, bands, interp)
+        self._choose(bands)
         self.height, self.width = ds.height, ds.width
         self.crs, self.transform, self.nodata = ds.crs, ds.transform, ds.nodata
         # A raster referenced by ground control points only has the identity transform.
@@ -330,6 +472,12 @@ class GeoTiffSource:
         flags = [ds.mask_flag_enums[b - 1] for b in sorted(set(self.bands))]
         self._masked = all(MaskFlags.all_valid not in f and MaskFlags.alpha not in f for f in flags)
         self._limits: dict[int, tuple[float, float]] = {}
+        self.display = BandDisplay()
+        if self.model_bands is not None:  # unscaled input; the preview's stretch only
+            uint8 = [np.dtype(ds.dtypes[b - 1]) == np.uint8 for b in self.bands]
+            limits = [None if u else self._percentiles(b) for b, u in zip(self.bands, uint8)]
+            self.display = BandDisplay(self.model_bands, limits)
+            return
         for b in sorted(set(self.bands)):
             if np.dtype(ds.dtypes[b - 1]) != np.uint8 and self.palette is None:
                 self._limits[b] = self._percentiles(b)
@@ -340,6 +488,24 @@ class GeoTiffSource:
                     ds.dtypes[b - 1],
                     *self._limits[b],
                 )
+
+    def _choose(self, bands: Sequence[int] | None) -> None:
+        """``self.bands``, ``self.alpha_band`` and ``self.palette`` (RGB rules or by name)."""
+        ds = self._ds
+        interp = [c.name for c in ds.colorinterp]
+        self.palette = None
+        if self.model_bands is not None:  # the model's bands as read (no stretch, no palette)
+            names = _band_names(ds.descriptions, interp)
+            chosen = _choose_model_bands(self.path, bands, names, self.model_bands)
+            self.bands, self.alpha_band = chosen
+            return
+        if interp == ["palette"] and not bands:
+            self.palette = _palette_lut(ds)
+        if self.palette is not None:
+            self.bands, self.alpha_band = (1, 1, 1), None
+            logger.info("%s: paletted band expanded through its colour table", self.path)
+        else:
+            self.bands, self.alpha_band = _choose_bands(self.path, ds.count, bands, interp)
 
     def _percentiles(self, band: int) -> tuple[float, float]:
         """Stretch limits of one band from a decimated read (bounded memory)."""
@@ -392,7 +558,7 @@ class GeoTiffSource:
             if b in self._limits:
                 band = apply_stretch(band, *self._limits[b])
             chans.append(band)
-        rgb = np.stack(chans, axis=-1)
+        rgb = np.stack(chans, axis=-1) if self.model_bands is None else _as_model_input(chans)
         valid = np.ones((h, w), dtype=bool)
         if self._masked:
             masks = ds.read_masks(uniq, window=win)  # (n, h, w) 0 = no-data
@@ -421,6 +587,14 @@ def _palette_lut(ds) -> np.ndarray | None:
     return lut
 
 
-def open_source(path: str | Path, bands: Sequence[int] | None = None):
-    """An :class:`ArraySource` or :class:`GeoTiffSource` for ``path``."""
-    return GeoTiffSource(path, bands) if is_raster_path(path) else ArraySource(path, bands)
+def open_source(
+    path: str | Path,
+    bands: Sequence[int] | None = None,
+    model_bands: Sequence[str] | None = None,
+    values: str | None = None,
+):
+    """An :class:`ArraySource` or :class:`GeoTiffSource` for ``path``; ``model_bands`` and
+    ``values`` (a model card's ``input.bands``/``input.values``) choose the bands by the RGB
+    rules or, for any other model, by name or number, unscaled (:func:`model_band_names`)."""
+    cls = GeoTiffSource if is_raster_path(path) else ArraySource
+    return cls(path, bands, model_bands, values)
