@@ -39,11 +39,12 @@ from segclip_d2.data.prepare_utils import (  # noqa: E402
     PrepareError,
     Source,
     SplitWriter,
+    add_patch_args,
     base_parser,
     check_dst,
-    format_summary,
-    iter_patches,
-    load_pair,
+    check_patch_args,
+    patch_items,
+    print_done,
     require_sources,
     run_cli,
     run_split,
@@ -78,11 +79,9 @@ def find_sources(src: Path, split: str) -> list[Source]:
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--splits", nargs="+", default=["train", "val"], choices=SPLITS)
-    parser.add_argument("--patch-size", type=int, default=896, help="square patch side (px)")
-    parser.add_argument("--stride", type=int, default=512, help="window step (px)")
+    add_patch_args(parser, patch_size=896, stride=512)
     args = parser.parse_args(argv)
-    if args.patch_size <= 0 or args.stride <= 0:
-        raise PrepareError("--patch-size and --stride must be positive")
+    check_patch_args(args)
     if not args.src.is_dir():
         raise PrepareError(f"{args.src}: iSAID source folder not found")
     check_dst(args.dst)
@@ -99,12 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         def make_items(source: Source):
-            image, label = load_pair(source, facts)
-            return iter_patches(image, label, source.source_id, args.patch_size, args.stride)
+            return patch_items(source, facts, args.patch_size, args.stride)
 
         summaries.append(run_split(writer, sources, make_items, args.skip_bad, f"iSAID {split}"))
-    print(format_summary(facts, summaries))
-    print(f"done in {time.perf_counter() - t0:.1f} s; use DETECTRON2_DATASETS={args.dst}")
+    print_done(facts, summaries, t0, args.dst)
     return 0
 
 

@@ -55,12 +55,11 @@ from segclip_d2.data.prepare_utils import (  # noqa: E402
     base_parser,
     check_dst,
     file_digest,
-    format_summary,
-    load_pair,
+    print_done,
     require_sources,
     run_cli,
     run_split,
-    whole_image_item,
+    whole_image_items,
 )
 
 SPLIT_DIRS = {"train": "Train", "val": "Val", "test": "Test"}
@@ -204,11 +203,6 @@ def find_sources(src: Path, split: str) -> list[Source]:
     return sources
 
 
-def _make_items(source: Source, facts):
-    image, label = load_pair(source, facts)  # verifies everything first
-    return [whole_image_item(source, image, label)]
-
-
 def _md5_overrides(items: list[str]) -> dict[str, str]:
     """``--expected-md5 NAME=MD5`` items as ``{NAME: md5}``."""
     overrides = {}
@@ -279,11 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         summaries.append(
             run_split(
-                writer, sources, lambda s: _make_items(s, facts), args.skip_bad, f"LoveDA {split}"
+                writer,
+                sources,
+                lambda s: whole_image_items(s, facts),
+                args.skip_bad,
+                f"LoveDA {split}",
             )
         )
-    print(format_summary(facts, summaries))
-    print(f"done in {time.perf_counter() - t0:.1f} s; use DETECTRON2_DATASETS={args.dst}")
+    print_done(facts, summaries, t0, args.dst)
     return 0
 
 

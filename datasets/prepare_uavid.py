@@ -40,15 +40,16 @@ from segclip_d2.data.prepare_utils import (  # noqa: E402
     PrepareError,
     Source,
     SplitWriter,
+    add_patch_args,
     base_parser,
     check_dst,
-    format_summary,
-    iter_patches,
-    load_pair,
+    check_patch_args,
+    patch_items,
+    print_done,
     require_sources,
     run_cli,
     run_split,
-    whole_image_item,
+    whole_image_items,
 )
 
 SPLITS = ("train", "val", "test")
@@ -90,12 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         choices=SPLITS,
         help="default: every uavid_<split> folder found in --src",
     )
-    parser.add_argument("--patch-size", type=int, default=1024, help="square patch side (px)")
-    parser.add_argument("--stride", type=int, default=1024, help="window step (px)")
+    add_patch_args(parser, patch_size=1024, stride=1024)
     parser.add_argument("--no-full-val", action="store_true", help="do not write val_full")
     args = parser.parse_args(argv)
-    if args.patch_size <= 0 or args.stride <= 0:
-        raise PrepareError("--patch-size and --stride must be positive")
+    check_patch_args(args)
     if not args.src.is_dir():
         raise PrepareError(f"{args.src}: UAVid source folder not found")
     check_dst(args.dst)
@@ -109,12 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     def patches(source: Source):
-        image, label = load_pair(source, facts)
-        return iter_patches(image, label, source.source_id, args.patch_size, args.stride)
+        return patch_items(source, facts, args.patch_size, args.stride)
 
     def full_frame(source: Source):
-        image, label = load_pair(source, facts)
-        return [whole_image_item(source, image, label)]
+        return whole_image_items(source, facts)
 
     for split, sources in all_sources.items():
         jobs = []
@@ -131,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             summaries.append(
                 run_split(writer, sources, make_items, args.skip_bad, f"UAVid {out_split}")
             )
-    print(format_summary(facts, summaries))
-    print(f"done in {time.perf_counter() - t0:.1f} s; use DETECTRON2_DATASETS={args.dst}")
+    print_done(facts, summaries, t0, args.dst)
     return 0
 
 

@@ -164,3 +164,26 @@ def add_common_arguments(p, config_help: str) -> None:
         "then meaningless) when --opts gives no MODEL.WEIGHTS",
     )
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs")
+
+
+def bench_parser(doc: str):
+    """A benchmark's argument parser (the error contract's), its docstring as the help text."""
+    import argparse
+
+    from segclip_d2.errors import ArgumentParser
+
+    return ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+
+
+def parse_bench_args(p, argv):
+    """The parsed arguments of a parser with :func:`add_common_arguments`, the weights checked."""
+    args = p.parse_args(argv)
+    check_weights_opts(args.opts, args.allow_random_weights)
+    return args
+
+
+def run_tool(tool_main, argv=None) -> int:
+    """``tool_main(argv)`` under the error contract: a user error is one line, exit 2."""
+    from segclip_d2.errors import run_main
+
+    return run_main(tool_main, argv)

@@ -11,7 +11,6 @@ Nothing here is part of the test suite.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -23,9 +22,11 @@ from _bench import (  # noqa: E402
     REPO,
     SMALL_CONFIG,
     add_common_arguments,
-    check_weights_opts,
+    bench_parser,
     fmt_row,
+    parse_bench_args,
     run_child,
+    run_tool,
 )
 
 
@@ -124,9 +125,7 @@ def _geotiff_case(args, tmp, tif, size, variant, widths) -> None:
 
 
 def _main(argv=None) -> int:
-    from segclip_d2.errors import ArgumentParser
-
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = bench_parser(__doc__)
     add_common_arguments(p, "model config (default: the small synthetic CPU config)")
     p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument(
@@ -139,17 +138,14 @@ def _main(argv=None) -> int:
     )
     p.add_argument("--block-size", type=int, default=1024)
     p.add_argument("--block-margin", type=int, default=128)
-    args = p.parse_args(argv)
-    check_weights_opts(args.opts, args.allow_random_weights)
+    args = parse_bench_args(p, argv)
     args.config = args.config or str(SMALL_CONFIG)
     mode_geotiff_scaling(args)
     return 0
 
 
 def main(argv=None) -> int:
-    from segclip_d2.errors import run_main
-
-    return run_main(_main, argv)
+    return run_tool(_main, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ and the rest.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -28,8 +27,10 @@ from _bench import (  # noqa: E402
     R50_CONFIG,
     REAL_TILES,
     add_common_arguments,
-    check_weights_opts,
+    bench_parser,
     load_model,
+    parse_bench_args,
+    run_tool,
     test_image,
 )
 
@@ -138,22 +139,17 @@ def mode_ab(args) -> None:
 
 
 def _main(argv=None) -> int:
-    from segclip_d2.errors import ArgumentParser
-
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--ab", action="store_true", help="the one-process A/B (the default)")
     add_common_arguments(p, "model config (default: the R50 LoveDA config)")
     p.add_argument("--num-tiles", type=int, default=2, help="real tiles timed (2)")
-    args = p.parse_args(argv)
-    check_weights_opts(args.opts, args.allow_random_weights)
+    args = parse_bench_args(p, argv)
     mode_ab(args)
     return 0
 
 
 def main(argv=None) -> int:
-    from segclip_d2.errors import run_main
-
-    return run_main(_main, argv)
+    return run_tool(_main, argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Nothing here is part of the test suite.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,11 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import (  # noqa: E402
     SMALL_CONFIG,
     add_common_arguments,
+    bench_parser,
     case_argv,
-    check_weights_opts,
     child_json,
     fmt_row,
+    parse_bench_args,
     run_child,
+    run_tool,
 )
 
 
@@ -58,21 +59,16 @@ def table(config, sizes, opts, threads, repeats) -> None:
 
 
 def _main(argv=None) -> int:
-    from segclip_d2.errors import ArgumentParser
-
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = bench_parser(__doc__)
     add_common_arguments(p, "model config (default: the small synthetic CPU config)")
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
-    args = p.parse_args(argv)
-    check_weights_opts(args.opts, args.allow_random_weights)
+    args = parse_bench_args(p, argv)
     table(args.config or str(SMALL_CONFIG), args.sizes, args.opts, args.threads, args.repeats)
     return 0
 
 
 def main(argv=None) -> int:
-    from segclip_d2.errors import run_main
-
-    return run_main(_main, argv)
+    return run_tool(_main, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Agreement figures of a random model are meaningless. Nothing here is part of the
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -24,10 +23,12 @@ from _bench import (  # noqa: E402
     R50_CONFIG,
     REAL_TILES,
     add_common_arguments,
+    bench_parser,
     case_argv,
-    check_weights_opts,
     child_json,
+    parse_bench_args,
     run_child,
+    run_tool,
 )
 
 
@@ -103,21 +104,16 @@ def mode_targets(args) -> None:
 
 
 def _main(argv=None) -> int:
-    from segclip_d2.errors import ArgumentParser
-
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = bench_parser(__doc__)
     add_common_arguments(p, "model config (default: the R50 LoveDA config)")
     p.add_argument("--num-tiles", type=int, default=2, help="real tiles timed (2)")
-    args = p.parse_args(argv)
-    check_weights_opts(args.opts, args.allow_random_weights)
+    args = parse_bench_args(p, argv)
     mode_targets(args)
     return 0
 
 
 def main(argv=None) -> int:
-    from segclip_d2.errors import run_main
-
-    return run_main(_main, argv)
+    return run_tool(_main, argv)
 
 
 if __name__ == "__main__":
