@@ -166,24 +166,25 @@ def add_common_arguments(p, config_help: str) -> None:
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs")
 
 
-def bench_parser(doc: str):
-    """A benchmark's argument parser (the error contract's), its docstring as the help text."""
+def bench_main(argv, doc: str, config_help: str, add_arguments, run) -> int:
+    """A benchmark's command line under the error contract (a user error is one line, exit 2):
+    its docstring as the help text, :func:`add_common_arguments` then ``add_arguments(parser)``,
+    the weights options checked, then ``run(args)``."""
     import argparse
 
-    from segclip_d2.errors import ArgumentParser
+    from segclip_d2.errors import ArgumentParser, run_main
 
-    return ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    def cli(argv=None) -> int:
+        p = ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+        add_common_arguments(p, config_help)
+        add_arguments(p)
+        args = p.parse_args(argv)
+        check_weights_opts(args.opts, args.allow_random_weights)
+        run(args)
+        return 0
+
+    return run_main(cli, argv)
 
 
-def parse_bench_args(p, argv):
-    """The parsed arguments of a parser with :func:`add_common_arguments`, the weights checked."""
-    args = p.parse_args(argv)
-    check_weights_opts(args.opts, args.allow_random_weights)
-    return args
-
-
-def run_tool(tool_main, argv=None) -> int:
-    """``tool_main(argv)`` under the error contract: a user error is one line, exit 2."""
-    from segclip_d2.errors import run_main
-
-    return run_main(tool_main, argv)
+def add_num_tiles_argument(p) -> None:
+    p.add_argument("--num-tiles", type=int, default=2, help="real tiles timed (2)")

@@ -21,12 +21,9 @@ from _bench import (  # noqa: E402
     OFFLINE_OPTS,
     REPO,
     SMALL_CONFIG,
-    add_common_arguments,
-    bench_parser,
+    bench_main,
     fmt_row,
-    parse_bench_args,
     run_child,
-    run_tool,
 )
 
 
@@ -124,9 +121,7 @@ def _geotiff_case(args, tmp, tif, size, variant, widths) -> None:
     print(fmt_row(row, widths), flush=True)
 
 
-def _main(argv=None) -> int:
-    p = bench_parser(__doc__)
-    add_common_arguments(p, "model config (default: the small synthetic CPU config)")
+def _arguments(p) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument(
         "--variants",
@@ -138,14 +133,17 @@ def _main(argv=None) -> int:
     )
     p.add_argument("--block-size", type=int, default=1024)
     p.add_argument("--block-margin", type=int, default=128)
-    args = parse_bench_args(p, argv)
+
+
+def _run(args) -> None:
     args.config = args.config or str(SMALL_CONFIG)
     mode_geotiff_scaling(args)
-    return 0
 
 
 def main(argv=None) -> int:
-    return run_tool(_main, argv)
+    return bench_main(
+        argv, __doc__, "model config (default: the small synthetic CPU config)", _arguments, _run
+    )
 
 
 if __name__ == "__main__":

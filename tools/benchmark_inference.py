@@ -26,11 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import (  # noqa: E402
     R50_CONFIG,
     REAL_TILES,
-    add_common_arguments,
-    bench_parser,
+    add_num_tiles_argument,
+    bench_main,
     load_model,
-    parse_bench_args,
-    run_tool,
     test_image,
 )
 
@@ -138,18 +136,15 @@ def mode_ab(args) -> None:
     print(f"bf16 speed-up over fp32: {med['fast fp32'] / med['fast bf16']:.2f}x (target >= 2)")
 
 
-def _main(argv=None) -> int:
-    p = bench_parser(__doc__)
+def _arguments(p) -> None:
     p.add_argument("--ab", action="store_true", help="the one-process A/B (the default)")
-    add_common_arguments(p, "model config (default: the R50 LoveDA config)")
-    p.add_argument("--num-tiles", type=int, default=2, help="real tiles timed (2)")
-    args = parse_bench_args(p, argv)
-    mode_ab(args)
-    return 0
+    add_num_tiles_argument(p)
 
 
 def main(argv=None) -> int:
-    return run_tool(_main, argv)
+    return bench_main(
+        argv, __doc__, "model config (default: the R50 LoveDA config)", _arguments, mode_ab
+    )
 
 
 if __name__ == "__main__":

@@ -19,14 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _bench import (  # noqa: E402
     SMALL_CONFIG,
-    add_common_arguments,
-    bench_parser,
+    bench_main,
     case_argv,
     child_json,
     fmt_row,
-    parse_bench_args,
     run_child,
-    run_tool,
 )
 
 
@@ -58,17 +55,18 @@ def table(config, sizes, opts, threads, repeats) -> None:
     )
 
 
-def _main(argv=None) -> int:
-    p = bench_parser(__doc__)
-    add_common_arguments(p, "model config (default: the small synthetic CPU config)")
+def _arguments(p) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
-    args = parse_bench_args(p, argv)
+
+
+def _run(args) -> None:
     table(args.config or str(SMALL_CONFIG), args.sizes, args.opts, args.threads, args.repeats)
-    return 0
 
 
 def main(argv=None) -> int:
-    return run_tool(_main, argv)
+    return bench_main(
+        argv, __doc__, "model config (default: the small synthetic CPU config)", _arguments, _run
+    )
 
 
 if __name__ == "__main__":

@@ -22,13 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import (  # noqa: E402
     R50_CONFIG,
     REAL_TILES,
-    add_common_arguments,
-    bench_parser,
+    add_num_tiles_argument,
+    bench_main,
     case_argv,
     child_json,
-    parse_bench_args,
     run_child,
-    run_tool,
 )
 
 
@@ -103,17 +101,14 @@ def mode_targets(args) -> None:
         print(f"bf16 vs fp32: {agree(0, 3)}")
 
 
-def _main(argv=None) -> int:
-    p = bench_parser(__doc__)
-    add_common_arguments(p, "model config (default: the R50 LoveDA config)")
-    p.add_argument("--num-tiles", type=int, default=2, help="real tiles timed (2)")
-    args = parse_bench_args(p, argv)
-    mode_targets(args)
-    return 0
-
-
 def main(argv=None) -> int:
-    return run_tool(_main, argv)
+    return bench_main(
+        argv,
+        __doc__,
+        "model config (default: the R50 LoveDA config)",
+        add_num_tiles_argument,
+        mode_targets,
+    )
 
 
 if __name__ == "__main__":
