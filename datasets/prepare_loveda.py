@@ -220,12 +220,8 @@ def _splits_found(src: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = pu.base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--splits",
-        nargs="+",
-        choices=list(SPLIT_DIRS),
-        default=None,
-        help="default: every split found in --src (all three with --download)",
+    pu.add_splits_arg(
+        parser, SPLIT_DIRS, "default: every split found in --src (all three with --download)"
     )
     parser.add_argument("--download", action="store_true", help="download the archives to --src")
     parser.add_argument(

@@ -71,13 +71,7 @@ def find_sources(src: Path, split: str) -> list[Source]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = pu.base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--splits",
-        nargs="+",
-        default=None,
-        choices=SPLITS,
-        help="default: every uavid_<split> folder found in --src",
-    )
+    pu.add_splits_arg(parser, SPLITS, "default: every uavid_<split> folder found in --src")
     pu.add_patch_args(parser, patch_size=1024, stride=1024)
     parser.add_argument("--no-full-val", action="store_true", help="do not write val_full")
     args = parser.parse_args(argv)

@@ -4,6 +4,9 @@ repository script as a module, and the error-contract check of a command's stder
 import importlib.util
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -25,3 +28,19 @@ def assert_one_error_line(err: str, texts) -> None:
     for text in texts:
         assert text in lines[0], (text, lines[0])
     assert "Traceback" not in err
+
+
+def write_loveda_val(root: Path, names: dict, rng: np.random.Generator, shape=(16, 16)) -> dict:
+    """A LoveDA ``Val/`` in the official layout under ``root``: for each ``{domain: name}`` a
+    random image and a raw 0..7 mask of ``shape``. Returns ``{(domain, sub): array}``."""
+    arrays = {}
+    for domain, name in names.items():
+        for sub, arr in (
+            ("images_png", rng.integers(0, 256, (*shape, 3), dtype=np.uint8)),
+            ("masks_png", rng.integers(0, 8, shape).astype(np.uint8)),
+        ):
+            p = root / "Val" / domain / sub / f"{name}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(p)
+            arrays[(domain, sub)] = arr
+    return arrays

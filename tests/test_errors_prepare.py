@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from script_helpers import assert_one_error_line, load_script
+from script_helpers import assert_one_error_line, load_script, write_loveda_val
 
 from segclip_d2.utils.atomic import temp_name
 
@@ -21,15 +20,7 @@ SCRIPTS = {
 
 
 def _loveda_src(root: Path, truncate: bool = False) -> Path:
-    rng = np.random.default_rng(0)
-    for domain in ("Urban", "Rural"):
-        for sub, arr in (
-            ("images_png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)),
-            ("masks_png", rng.integers(0, 8, (16, 16)).astype(np.uint8)),
-        ):
-            p = root / "Val" / domain / sub / f"{domain.lower()}1.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(p)
+    write_loveda_val(root, {"Urban": "urban1", "Rural": "rural1"}, np.random.default_rng(0))
     if truncate:
         p = root / "Val" / "Urban" / "images_png" / "urban1.png"
         p.write_bytes(p.read_bytes()[:60])

@@ -10,7 +10,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.utils import comm
 from PIL import Image
-from script_helpers import load_script
+from script_helpers import load_script, write_loveda_val
 
 from segclip_d2.config import add_segclip_config
 from segclip_d2.data import evaluator as ev_mod
@@ -139,16 +139,7 @@ def test_evaluate_predictions_tool(tmp_path, monkeypatch, capsys):
     prep = load_script("datasets/prepare_loveda.py")
     rng = np.random.default_rng(3)
     src = tmp_path / "raw"
-    raws = {}
-    for domain, name in (("Urban", "3514"), ("Rural", "2522")):
-        for sub, arr in (
-            ("images_png", rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)),
-            ("masks_png", rng.integers(0, 8, (24, 20)).astype(np.uint8)),
-        ):
-            p = src / "Val" / domain / sub / f"{name}.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(p)
-            raws[(domain, sub)] = arr
+    raws = write_loveda_val(src, {"Urban": "3514", "Rural": "2522"}, rng, shape=(24, 20))
     assert prep.main(["--src", str(src), "--dst", str(tmp_path / "ds")]) == 0
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "ds"))
     preds, gts = tmp_path / "preds", []

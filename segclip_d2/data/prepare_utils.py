@@ -513,6 +513,11 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_splits_arg(parser: argparse.ArgumentParser, choices: Sequence[str], help: str) -> None:
+    """``--splits``, by default (None) the splits the script finds (``help`` says which)."""
+    parser.add_argument("--splits", nargs="+", choices=list(choices), default=None, help=help)
+
+
 def add_patch_args(parser: argparse.ArgumentParser, patch_size: int, stride: int) -> None:
     """``--patch-size`` and ``--stride`` with these defaults; see :func:`check_patch_args`."""
     parser.add_argument("--patch-size", type=int, default=patch_size, help="square patch side (px)")
