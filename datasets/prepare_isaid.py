@@ -34,20 +34,9 @@ try:
 except ImportError:  # running from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segclip_d2.data import prepare_utils as pu  # noqa: E402
 from segclip_d2.data.dataset_facts import get_facts  # noqa: E402
-from segclip_d2.data.prepare_utils import (  # noqa: E402
-    PrepareError,
-    Source,
-    SplitWriter,
-    base_parser,
-    check_dst,
-    format_summary,
-    iter_patches,
-    load_pair,
-    require_sources,
-    run_cli,
-    run_split,
-)
+from segclip_d2.data.prepare_utils import PrepareError, Source, run_cli  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 MASK_SUFFIX = "_instance_color_RGB.png"
@@ -61,7 +50,7 @@ def find_sources(src: Path, split: str) -> list[Source]:
             f"{split}/images/P*.png and {split}/Semantic_masks/images/P*{MASK_SUFFIX}"
         )
     images = sorted(p for p in img_dir.glob("P*.png") if "_instance" not in p.name)
-    require_sources(images, img_dir, "P*.png images")
+    pu.require_sources(images, img_dir, "P*.png images")
     mask_dir = src / split / "Semantic_masks" / "images"
     labelled = split != "test"
     return [
@@ -76,16 +65,14 @@ def find_sources(src: Path, split: str) -> list[Source]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = base_parser(__doc__.split("\n\n")[0])
+    parser = pu.base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--splits", nargs="+", default=["train", "val"], choices=SPLITS)
-    parser.add_argument("--patch-size", type=int, default=896, help="square patch side (px)")
-    parser.add_argument("--stride", type=int, default=512, help="window step (px)")
+    pu.add_patch_args(parser, patch_size=896, stride=512)
     args = parser.parse_args(argv)
-    if args.patch_size <= 0 or args.stride <= 0:
-        raise PrepareError("--patch-size and --stride must be positive")
+    pu.check_patch_args(args)
     if not args.src.is_dir():
         raise PrepareError(f"{args.src}: iSAID source folder not found")
-    check_dst(args.dst)
+    pu.check_dst(args.dst)
     facts = get_facts("isaid")
     # Verify the whole layout before writing anything.
     all_sources = {split: find_sources(args.src, split) for split in args.splits}
@@ -94,17 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for split, sources in all_sources.items():
         labelled = split != "test"
-        writer = SplitWriter(
+        writer = pu.SplitWriter(
             args.dst / "isaid" / split, facts, split, labelled, options, args.overwrite
         )
 
         def make_items(source: Source):
-            image, label = load_pair(source, facts)
-            return iter_patches(image, label, source.source_id, args.patch_size, args.stride)
+            return pu.patch_items(source, facts, args.patch_size, args.stride)
 
-        summaries.append(run_split(writer, sources, make_items, args.skip_bad, f"iSAID {split}"))
-    print(format_summary(facts, summaries))
-    print(f"done in {time.perf_counter() - t0:.1f} s; use DETECTRON2_DATASETS={args.dst}")
+        summaries.append(pu.run_split(writer, sources, make_items, args.skip_bad, f"iSAID {split}"))
+    pu.print_done(facts, summaries, t0, args.dst)
     return 0
 
 

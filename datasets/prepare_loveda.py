@@ -47,21 +47,9 @@ except ImportError:  # running from a checkout that is not pip-installed
 
 from tqdm import tqdm  # noqa: E402
 
+from segclip_d2.data import prepare_utils as pu  # noqa: E402
 from segclip_d2.data.dataset_facts import get_facts  # noqa: E402
-from segclip_d2.data.prepare_utils import (  # noqa: E402
-    PrepareError,
-    Source,
-    SplitWriter,
-    base_parser,
-    check_dst,
-    file_digest,
-    format_summary,
-    load_pair,
-    require_sources,
-    run_cli,
-    run_split,
-    whole_image_item,
-)
+from segclip_d2.data.prepare_utils import PrepareError, Source, run_cli  # noqa: E402
 
 SPLIT_DIRS = {"train": "Train", "val": "Val", "test": "Test"}
 DOMAINS = ("Urban", "Rural")
@@ -85,7 +73,7 @@ def _verify_archive(path: Path, size: int | None, md5: str) -> None:
         raise PrepareError(
             f"{path}: size {path.stat().st_size} bytes, expected {size} (incomplete download?)"
         )
-    got = file_digest(path, "md5")
+    got = pu.file_digest(path, "md5")
     if got != md5:
         raise PrepareError(f"{path}: md5 {got} does not match the published {md5}")
 
@@ -188,7 +176,7 @@ def find_sources(src: Path, split: str) -> list[Source]:
                 f"{SPLIT_DIRS[split]}/{{Urban,Rural}}/{{images_png,masks_png}}"
             )
         images = sorted(img_dir.glob("*.png"))
-        require_sources(images, img_dir, "PNG images")
+        pu.require_sources(images, img_dir, "PNG images")
         mask_dir = split_dir / domain / "masks_png"
         for p in images:
             stem = f"{domain.lower()}_{p.stem}"
@@ -202,11 +190,6 @@ def find_sources(src: Path, split: str) -> list[Source]:
                 )
             )
     return sources
-
-
-def _make_items(source: Source, facts):
-    image, label = load_pair(source, facts)  # verifies everything first
-    return [whole_image_item(source, image, label)]
 
 
 def _md5_overrides(items: list[str]) -> dict[str, str]:
@@ -236,13 +219,9 @@ def _splits_found(src: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--splits",
-        nargs="+",
-        choices=list(SPLIT_DIRS),
-        default=None,
-        help="default: every split found in --src (all three with --download)",
+    parser = pu.base_parser(__doc__.split("\n\n")[0])
+    pu.add_splits_arg(
+        parser, SPLIT_DIRS, "default: every split found in --src (all three with --download)"
     )
     parser.add_argument("--download", action="store_true", help="download the archives to --src")
     parser.add_argument(
@@ -258,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     facts = get_facts("loveda")
     src: Path = args.src
-    check_dst(args.dst)
+    pu.check_dst(args.dst)
     if args.download:
         overrides = _md5_overrides(args.expected_md5)
         download_splits(src, args.splits or list(SPLIT_DIRS), args.download_url, overrides)
@@ -269,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     summaries = []
     t0 = time.perf_counter()
     for split, sources in all_sources.items():
-        writer = SplitWriter(
+        writer = pu.SplitWriter(
             args.dst / "loveda" / split,
             facts,
             split,
@@ -278,12 +257,15 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
         )
         summaries.append(
-            run_split(
-                writer, sources, lambda s: _make_items(s, facts), args.skip_bad, f"LoveDA {split}"
+            pu.run_split(
+                writer,
+                sources,
+                lambda s: pu.whole_image_items(s, facts),
+                args.skip_bad,
+                f"LoveDA {split}",
             )
         )
-    print(format_summary(facts, summaries))
-    print(f"done in {time.perf_counter() - t0:.1f} s; use DETECTRON2_DATASETS={args.dst}")
+    pu.print_done(facts, summaries, t0, args.dst)
     return 0
 
 

@@ -35,21 +35,9 @@ try:
 except ImportError:  # running from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segclip_d2.data import prepare_utils as pu  # noqa: E402
 from segclip_d2.data.dataset_facts import get_facts  # noqa: E402
-from segclip_d2.data.prepare_utils import (  # noqa: E402
-    PrepareError,
-    Source,
-    SplitWriter,
-    base_parser,
-    check_dst,
-    format_summary,
-    iter_patches,
-    load_pair,
-    require_sources,
-    run_cli,
-    run_split,
-    whole_image_item,
-)
+from segclip_d2.data.prepare_utils import PrepareError, Source, run_cli  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 
@@ -77,28 +65,20 @@ def find_sources(src: Path, split: str) -> list[Source]:
                     rel=str(p.relative_to(src)),
                 )
             )
-    require_sources(sources, split_dir, "seqN/Images/*.png frames")
+    pu.require_sources(sources, split_dir, "seqN/Images/*.png frames")
     return sources
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--splits",
-        nargs="+",
-        default=None,
-        choices=SPLITS,
-        help="default: every uavid_<split> folder found in --src",
-    )
-    parser.add_argument("--patch-size", type=int, default=1024, help="square patch side (px)")
-    parser.add_argument("--stride", type=int, default=1024, help="window step (px)")
+    parser = pu.base_parser(__doc__.split("\n\n")[0])
+    pu.add_splits_arg(parser, SPLITS, "default: every uavid_<split> folder found in --src")
+    pu.add_patch_args(parser, patch_size=1024, stride=1024)
     parser.add_argument("--no-full-val", action="store_true", help="do not write val_full")
     args = parser.parse_args(argv)
-    if args.patch_size <= 0 or args.stride <= 0:
-        raise PrepareError("--patch-size and --stride must be positive")
+    pu.check_patch_args(args)
     if not args.src.is_dir():
         raise PrepareError(f"{args.src}: UAVid source folder not found")
-    check_dst(args.dst)
+    pu.check_dst(args.dst)
     splits = args.splits or [s for s in SPLITS if (args.src / f"uavid_{s}").is_dir()]
     if not splits:
         raise PrepareError(f"{args.src}: no uavid_train/, uavid_val/ or uavid_test/ folder found")
@@ -109,12 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     def patches(source: Source):
-        image, label = load_pair(source, facts)
-        return iter_patches(image, label, source.source_id, args.patch_size, args.stride)
+        return pu.patch_items(source, facts, args.patch_size, args.stride)
 
     def full_frame(source: Source):
-        image, label = load_pair(source, facts)
-        return [whole_image_item(source, image, label)]
+        return pu.whole_image_items(source, facts)
 
     for split, sources in all_sources.items():
         jobs = []
@@ -125,14 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             if split == "val" and not args.no_full_val:
                 jobs.append(("val_full", True, {"full_frame": True}, full_frame))
         for out_split, labelled, opts, make_items in jobs:
-            writer = SplitWriter(
+            writer = pu.SplitWriter(
                 args.dst / "uavid" / out_split, facts, out_split, labelled, opts, args.overwrite
             )
             summaries.append(
-                run_split(writer, sources, make_items, args.skip_bad, f"UAVid {out_split}")
+                pu.run_split(writer, sources, make_items, args.skip_bad, f"UAVid {out_split}")
             )
-    print(format_summary(facts, summaries))
-    print(f"done in {time.perf_counter() - t0:.1f} s; use DETECTRON2_DATASETS={args.dst}")
+    pu.print_done(facts, summaries, t0, args.dst)
     return 0
 
 

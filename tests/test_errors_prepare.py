@@ -1,40 +1,26 @@
 """datasets/prepare_*.py under the error contract (one table row per case), shareable file
 modes, and the cleanup of temps left by killed runs."""
 
-import importlib.util
 import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from script_helpers import assert_one_error_line, load_script, write_loveda_val
 
 from segclip_d2.utils.atomic import temp_name
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "datasets" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-SCRIPTS = {n: _script(f"prepare_{n}") for n in ("loveda", "isaid", "uavid", "synthetic")}
+SCRIPTS = {
+    n: load_script(f"datasets/prepare_{n}.py") for n in ("loveda", "isaid", "uavid", "synthetic")
+}
 
 
 def _loveda_src(root: Path, truncate: bool = False) -> Path:
-    rng = np.random.default_rng(0)
-    for domain in ("Urban", "Rural"):
-        for sub, arr in (
-            ("images_png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)),
-            ("masks_png", rng.integers(0, 8, (16, 16)).astype(np.uint8)),
-        ):
-            p = root / "Val" / domain / sub / f"{domain.lower()}1.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(p)
+    write_loveda_val(root, {"Urban": "urban1", "Rural": "rural1"}, np.random.default_rng(0))
     if truncate:
         p = root / "Val" / "Urban" / "images_png" / "urban1.png"
         p.write_bytes(p.read_bytes()[:60])
@@ -103,11 +89,7 @@ def test_user_error_is_one_line_exit_2(tmp_path, capsys, case, script, argv, tex
     rc = runner(mod.main, argv(tmp_path)) if runner else mod.main(argv(tmp_path))
     assert rc == 2
     err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1, err
-    for text in texts:
-        assert text in lines[0], (text, lines[0])
-    assert "Traceback" not in err
+    assert_one_error_line(err, texts)
     split = tmp_path / "d" / "loveda" / "val"
     assert not (split / "manifest.json").exists(), "an interrupted split never looks complete"
 

@@ -1,7 +1,6 @@
 """tools/*.py under the error contract; the evaluator scores the demo's predictions (255 = no
 prediction, counted wrong and reported; unknown files listed once)."""
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -9,28 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from script_helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _load(rel: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / rel)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def tools():
     return {
-        "evaluate": _load("tools/evaluate_predictions.py", "evaluate_predictions"),
-        "bench": _load("tools/benchmark_inference.py", "benchmark_inference"),
-        "latency": _load("tools/benchmark_latency.py", "benchmark_latency"),
-        "targets": _load("tools/benchmark_targets.py", "benchmark_targets"),
-        "geotiff": _load("tools/benchmark_geotiff.py", "benchmark_geotiff"),
-        "case": _load("tools/bench_case.py", "bench_case"),
-        "card": _load("tools/model_card.py", "model_card"),
-        "msda": _load("tools/benchmark_msda.py", "benchmark_msda"),
+        "evaluate": load_script("tools/evaluate_predictions.py"),
+        "bench": load_script("tools/benchmark_inference.py"),
+        "latency": load_script("tools/benchmark_latency.py"),
+        "targets": load_script("tools/benchmark_targets.py"),
+        "geotiff": load_script("tools/benchmark_geotiff.py"),
+        "case": load_script("tools/bench_case.py"),
+        "card": load_script("tools/model_card.py"),
+        "msda": load_script("tools/benchmark_msda.py"),
     }
 
 
@@ -38,7 +31,7 @@ def tools():
 def loveda_val(tmp_path_factory):
     """A prepared two-image loveda_val and its train-id labels by stem."""
     tmp = tmp_path_factory.mktemp("lv")
-    prep = _load("datasets/prepare_loveda.py", "prepare_loveda")
+    prep = load_script("datasets/prepare_loveda.py")
     rng = np.random.default_rng(0)
     labels = {}
     for domain, name in (("Urban", "3514"), ("Rural", "2522")):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_helpers import assert_one_error_line
 
 from segclip_d2.errors import run_main
 
@@ -132,11 +133,7 @@ def test_user_error_is_one_line_exit_2_and_writes_nothing(isolated, capsys, case
         args = args + ["OUTPUT_DIR", str(out)]
     assert run_main(train_net.cli, args) == 2
     err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1, err
-    for text in texts:
-        assert text in lines[0], (text, lines[0])
-    assert "Traceback" not in err
+    assert_one_error_line(err, texts)
     assert not out.exists(), "nothing may be written before the checks pass"
     assert not (isolated / "datasets").exists()
 

@@ -1,6 +1,5 @@
 """RemoteSensingSemSegEvaluator, build_evaluator and tools/evaluate_predictions.py."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.utils import comm
 from PIL import Image
+from script_helpers import load_script, write_loveda_val
 
 from segclip_d2.config import add_segclip_config
 from segclip_d2.data import evaluator as ev_mod
@@ -135,33 +135,11 @@ def test_build_evaluator_uses_metadata(tmp_path):
     )
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "evaluate_predictions", REPO / "tools" / "evaluate_predictions.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_evaluate_predictions_tool(tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "prepare_loveda", REPO / "datasets" / "prepare_loveda.py"
-    )
-    prep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prep)
+    prep = load_script("datasets/prepare_loveda.py")
     rng = np.random.default_rng(3)
     src = tmp_path / "raw"
-    raws = {}
-    for domain, name in (("Urban", "3514"), ("Rural", "2522")):
-        for sub, arr in (
-            ("images_png", rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)),
-            ("masks_png", rng.integers(0, 8, (24, 20)).astype(np.uint8)),
-        ):
-            p = src / "Val" / domain / sub / f"{name}.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(p)
-            raws[(domain, sub)] = arr
+    raws = write_loveda_val(src, {"Urban": "3514", "Rural": "2522"}, rng, shape=(24, 20))
     assert prep.main(["--src", str(src), "--dst", str(tmp_path / "ds")]) == 0
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "ds"))
     preds, gts = tmp_path / "preds", []
@@ -174,7 +152,7 @@ def test_evaluate_predictions_tool(tmp_path, monkeypatch, capsys):
         Image.fromarray(pred).save(preds / f"{domain.lower()}_{name}.png")
         gts.append(gt)
         pred_list.append(pred)
-    tool = _load_tool()
+    tool = load_script("tools/evaluate_predictions.py")
     out = tmp_path / "metrics.json"
     assert (
         tool.main(["--dataset", "loveda_val", "--pred-dir", str(preds), "--output", str(out)]) == 0

@@ -5,18 +5,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def installer():
-    spec = importlib.util.spec_from_file_location(
-        "install_detectron2", REPO / "tools" / "install_detectron2.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/install_detectron2.py")
 
 
 SETUP_PY = """

@@ -1,6 +1,5 @@
 """datasets/prepare_isaid.py: patches, palette conversion, bad input, reruns."""
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -8,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from script_helpers import load_script
 
 from segclip_d2.data.dataset_facts import get_facts
 from segclip_d2.data.prepare_utils import PrepareError, patch_windows, window_starts
@@ -16,14 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 ISAID = get_facts("isaid")
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "datasets" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-prep = _load_script("prepare_isaid")
+prep = load_script("datasets/prepare_isaid.py")
 
 
 def _png(path: Path, arr: np.ndarray):

@@ -1,7 +1,6 @@
 """datasets/prepare_loveda.py: label mapping, domains, test split, download, submission."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import zipfile
@@ -13,6 +12,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from PIL import Image
+from script_helpers import load_script
 
 from segclip_d2.config import add_segclip_config
 from segclip_d2.data.evaluator import SemSegFormatOnlyEvaluator, build_evaluator
@@ -22,14 +22,7 @@ from segclip_d2.data.register import DatasetNotPreparedError
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "datasets" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-prep = _load_script("prepare_loveda")
+prep = load_script("datasets/prepare_loveda.py")
 
 
 def _png(path: Path, arr: np.ndarray):

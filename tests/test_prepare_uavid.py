@@ -1,6 +1,5 @@
 """datasets/prepare_uavid.py: colour labels, patches, full frames, submission layout."""
 
-import importlib.util
 import json
 import zipfile
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from PIL import Image
+from script_helpers import load_script
 
 from segclip_d2.config import add_segclip_config
 from segclip_d2.data.dataset_facts import get_facts
@@ -21,14 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 UAVID = get_facts("uavid")
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "datasets" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-prep = _load_script("prepare_uavid")
+prep = load_script("datasets/prepare_uavid.py")
 H, W = 72, 136  # small stand-in for 2160 x 3840 frames
 
 

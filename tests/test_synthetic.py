@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import multiprocessing as mp
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from script_helpers import load_script
 
 from segclip_d2.data import synthetic
 from segclip_d2.data.dataset_facts import IGNORE_LABEL, get_facts
@@ -255,17 +255,8 @@ def test_registered_splits_load_and_generate_on_first_use(tmp_path, monkeypatch)
 
 
 # ------------------------------------------------------------------------------------ CLI
-def _load_cli():
-    spec = importlib.util.spec_from_file_location(
-        "prepare_synthetic", REPO / "datasets" / "prepare_synthetic.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_generates_and_prints_a_histogram(tmp_path, no_env, capsys):
-    cli = _load_cli()
+    cli = load_script("datasets/prepare_synthetic.py")
     args = ["--dst", str(tmp_path), "--num-train", "2", "--num-val", "1", "--size", "96"]
     assert cli.main(args + ["--seed", "5"]) == 0
     text = capsys.readouterr().out

@@ -164,3 +164,27 @@ def add_common_arguments(p, config_help: str) -> None:
         "then meaningless) when --opts gives no MODEL.WEIGHTS",
     )
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs")
+
+
+def bench_main(argv, doc: str, config_help: str, add_arguments, run) -> int:
+    """A benchmark's command line under the error contract (a user error is one line, exit 2):
+    its docstring as the help text, :func:`add_common_arguments` then ``add_arguments(parser)``,
+    the weights options checked, then ``run(args)``."""
+    import argparse
+
+    from segclip_d2.errors import ArgumentParser, run_main
+
+    def cli(argv=None) -> int:
+        p = ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+        add_common_arguments(p, config_help)
+        add_arguments(p)
+        args = p.parse_args(argv)
+        check_weights_opts(args.opts, args.allow_random_weights)
+        run(args)
+        return 0
+
+    return run_main(cli, argv)
+
+
+def add_num_tiles_argument(p) -> None:
+    p.add_argument("--num-tiles", type=int, default=2, help="real tiles timed (2)")

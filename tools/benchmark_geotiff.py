@@ -11,7 +11,6 @@ Nothing here is part of the test suite.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -22,8 +21,7 @@ from _bench import (  # noqa: E402
     OFFLINE_OPTS,
     REPO,
     SMALL_CONFIG,
-    add_common_arguments,
-    check_weights_opts,
+    bench_main,
     fmt_row,
     run_child,
 )
@@ -123,11 +121,7 @@ def _geotiff_case(args, tmp, tif, size, variant, widths) -> None:
     print(fmt_row(row, widths), flush=True)
 
 
-def _main(argv=None) -> int:
-    from segclip_d2.errors import ArgumentParser
-
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_common_arguments(p, "model config (default: the small synthetic CPU config)")
+def _arguments(p) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument(
         "--variants",
@@ -139,17 +133,17 @@ def _main(argv=None) -> int:
     )
     p.add_argument("--block-size", type=int, default=1024)
     p.add_argument("--block-margin", type=int, default=128)
-    args = p.parse_args(argv)
-    check_weights_opts(args.opts, args.allow_random_weights)
+
+
+def _run(args) -> None:
     args.config = args.config or str(SMALL_CONFIG)
     mode_geotiff_scaling(args)
-    return 0
 
 
 def main(argv=None) -> int:
-    from segclip_d2.errors import run_main
-
-    return run_main(_main, argv)
+    return bench_main(
+        argv, __doc__, "model config (default: the small synthetic CPU config)", _arguments, _run
+    )
 
 
 if __name__ == "__main__":

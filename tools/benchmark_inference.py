@@ -17,7 +17,6 @@ and the rest.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -27,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import (  # noqa: E402
     R50_CONFIG,
     REAL_TILES,
-    add_common_arguments,
-    check_weights_opts,
+    add_num_tiles_argument,
+    bench_main,
     load_model,
     test_image,
 )
@@ -137,23 +136,15 @@ def mode_ab(args) -> None:
     print(f"bf16 speed-up over fp32: {med['fast fp32'] / med['fast bf16']:.2f}x (target >= 2)")
 
 
-def _main(argv=None) -> int:
-    from segclip_d2.errors import ArgumentParser
-
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def _arguments(p) -> None:
     p.add_argument("--ab", action="store_true", help="the one-process A/B (the default)")
-    add_common_arguments(p, "model config (default: the R50 LoveDA config)")
-    p.add_argument("--num-tiles", type=int, default=2, help="real tiles timed (2)")
-    args = p.parse_args(argv)
-    check_weights_opts(args.opts, args.allow_random_weights)
-    mode_ab(args)
-    return 0
+    add_num_tiles_argument(p)
 
 
 def main(argv=None) -> int:
-    from segclip_d2.errors import run_main
-
-    return run_main(_main, argv)
+    return bench_main(
+        argv, __doc__, "model config (default: the R50 LoveDA config)", _arguments, mode_ab
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Nothing here is part of the test suite.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,9 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _bench import (  # noqa: E402
     SMALL_CONFIG,
-    add_common_arguments,
+    bench_main,
     case_argv,
-    check_weights_opts,
     child_json,
     fmt_row,
     run_child,
@@ -57,22 +55,18 @@ def table(config, sizes, opts, threads, repeats) -> None:
     )
 
 
-def _main(argv=None) -> int:
-    from segclip_d2.errors import ArgumentParser
-
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_common_arguments(p, "model config (default: the small synthetic CPU config)")
+def _arguments(p) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
-    args = p.parse_args(argv)
-    check_weights_opts(args.opts, args.allow_random_weights)
+
+
+def _run(args) -> None:
     table(args.config or str(SMALL_CONFIG), args.sizes, args.opts, args.threads, args.repeats)
-    return 0
 
 
 def main(argv=None) -> int:
-    from segclip_d2.errors import run_main
-
-    return run_main(_main, argv)
+    return bench_main(
+        argv, __doc__, "model config (default: the small synthetic CPU config)", _arguments, _run
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Agreement figures of a random model are meaningless. Nothing here is part of the
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -23,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import (  # noqa: E402
     R50_CONFIG,
     REAL_TILES,
-    add_common_arguments,
+    add_num_tiles_argument,
+    bench_main,
     case_argv,
-    check_weights_opts,
     child_json,
     run_child,
 )
@@ -102,22 +101,14 @@ def mode_targets(args) -> None:
         print(f"bf16 vs fp32: {agree(0, 3)}")
 
 
-def _main(argv=None) -> int:
-    from segclip_d2.errors import ArgumentParser
-
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_common_arguments(p, "model config (default: the R50 LoveDA config)")
-    p.add_argument("--num-tiles", type=int, default=2, help="real tiles timed (2)")
-    args = p.parse_args(argv)
-    check_weights_opts(args.opts, args.allow_random_weights)
-    mode_targets(args)
-    return 0
-
-
 def main(argv=None) -> int:
-    from segclip_d2.errors import run_main
-
-    return run_main(_main, argv)
+    return bench_main(
+        argv,
+        __doc__,
+        "model config (default: the R50 LoveDA config)",
+        add_num_tiles_argument,
+        mode_targets,
+    )
 
 
 if __name__ == "__main__":

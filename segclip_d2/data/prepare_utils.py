@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -445,6 +446,18 @@ def whole_image_item(source: Source, image: np.ndarray, label: np.ndarray | None
     return (source.source_id, source.image if copy_as_is else image, label)
 
 
+def patch_items(source: Source, facts: DatasetFacts, patch: int, stride: int) -> Iterator[Item]:
+    """The verified source cut into ``patch``-sized windows every ``stride`` pixels."""
+    image, label = load_pair(source, facts)
+    return iter_patches(image, label, source.source_id, patch, stride)
+
+
+def whole_image_items(source: Source, facts: DatasetFacts) -> list[Item]:
+    """The verified source as one untouched item (see :func:`whole_image_item`)."""
+    image, label = load_pair(source, facts)  # verifies everything first
+    return [whole_image_item(source, image, label)]
+
+
 # --------------------------------------------------------------------------- reporting / CLI
 def format_summary(facts: DatasetFacts, summaries: Sequence[SplitSummary]) -> str:
     rows = []
@@ -498,6 +511,30 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="delete and rebuild the output splits")
     return p
+
+
+def add_splits_arg(parser: argparse.ArgumentParser, choices: Sequence[str], help: str) -> None:
+    """``--splits``, by default (None) the splits the script finds (``help`` says which)."""
+    parser.add_argument("--splits", nargs="+", choices=list(choices), default=None, help=help)
+
+
+def add_patch_args(parser: argparse.ArgumentParser, patch_size: int, stride: int) -> None:
+    """``--patch-size`` and ``--stride`` with these defaults; see :func:`check_patch_args`."""
+    parser.add_argument("--patch-size", type=int, default=patch_size, help="square patch side (px)")
+    parser.add_argument("--stride", type=int, default=stride, help="window step (px)")
+
+
+def check_patch_args(args: argparse.Namespace) -> None:
+    if args.patch_size <= 0 or args.stride <= 0:
+        raise PrepareError("--patch-size and --stride must be positive")
+
+
+def print_done(
+    facts: DatasetFacts, summaries: Sequence[SplitSummary], t0: float, dst: Path
+) -> None:
+    """The summary table and the closing line of a preparation run started at ``t0``."""
+    print(format_summary(facts, summaries))
+    print(f"done in {time.perf_counter() - t0:.1f} s; use DETECTRON2_DATASETS={dst}")
 
 
 def check_dst(dst: Path) -> None:

@@ -17,6 +17,7 @@ Every problem is a :class:`~segclip_d2.errors.UserError` naming the file (one li
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -138,14 +139,6 @@ def _load(config_file, weights, *, opts, device, precision, optimize, allow_rand
     return cfg, model, loaded_card or card
 
 
-_OPTIONS = ("opts", "device", "precision", "optimize", "allow_random_weights", "cfg", "resume_dir")
-
-
-def _options(arguments: dict) -> dict:
-    """The keyword options of :func:`load_model` / :func:`build_predictor` among ``arguments``."""
-    return {k: arguments[k] for k in _OPTIONS}
-
-
 def load_model(
     config_file: str | None = None,
     weights: str | None = None,
@@ -178,7 +171,7 @@ def load_model(
             of the weights when it has one (train_net.py ``--eval-only --resume``).
     Returns the frozen config and the model.
     """
-    cfg, model, _ = _load(config_file, weights, **_options(locals()))
+    cfg, model, _ = _load(**locals())
     return cfg, model
 
 
@@ -248,18 +241,12 @@ class Predictor:
         )
 
 
-def build_predictor(
-    config_file: str | None = None,
-    weights: str | None = None,
-    *,
-    opts: Sequence[str] = (),
-    device: str | None = "cpu",
-    precision: str | None = "auto",
-    optimize: bool = True,
-    allow_random_weights: bool = False,
-    cfg=None,
-    resume_dir: str | None = None,
-) -> Predictor:
-    """A :class:`Predictor` of the model :func:`load_model` builds (same arguments)."""
-    cfg, model, card = _load(config_file, weights, **_options(locals()))
-    return Predictor(cfg, model, card)
+def build_predictor(*args, **kwargs) -> Predictor:
+    """A :class:`Predictor` of the model :func:`load_model` builds (the same arguments and
+    defaults; the signature is :func:`load_model`'s)."""
+    bound = inspect.signature(load_model).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return Predictor(*_load(**bound.arguments))
+
+
+build_predictor.__signature__ = inspect.signature(load_model).replace(return_annotation="Predictor")

@@ -54,13 +54,9 @@ void check_same_device(const at::Tensor& t, const at::Tensor& value, const char*
 }
 
 // Checks every input; throws a RuntimeError naming the offending tensor and its shape.
-void check_inputs(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights,
-    const at::Tensor* grad_output) {
+void check_inputs(const MsdaInputs& in, const at::Tensor* grad_output) {
+  const auto& [value, spatial_shapes, level_start_index, sampling_locations, attention_weights] =
+      in;
   TORCH_CHECK(
       value.dim() == 4, "ms_deform_attn: value must be (B, S, H, Dh), got sizes ", value.sizes());
   // bf16 values: the CPU forward reads them as float32 (reduced-precision inference)
@@ -194,27 +190,30 @@ void check_inputs(
       ")");
 }
 
+#ifdef WITH_CUDA
+#define SEGCLIP_ON_CUDA(call) return call
+#else
+#define SEGCLIP_ON_CUDA(call) \
+  TORCH_CHECK(false, "ms_deform_attn: segclip_d2._C was built without CUDA support")
+#endif
+
 at::Tensor forward(
     const at::Tensor& value,
     const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index,
     const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights) {
-  check_inputs(
-      value, spatial_shapes, level_start_index, sampling_locations, attention_weights, nullptr);
+  const MsdaInputs in{
+      value, spatial_shapes, level_start_index, sampling_locations, attention_weights};
+  check_inputs(in, nullptr);
   if (value.is_cuda()) {
-#ifdef WITH_CUDA
-    return ms_deform_attn_forward_cuda(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-#else
-    TORCH_CHECK(false, "ms_deform_attn: segclip_d2._C was built without CUDA support");
-#endif
+    SEGCLIP_ON_CUDA(ms_deform_attn_forward_cuda(in));
   }
   TORCH_CHECK(value.is_cpu(), "ms_deform_attn: unsupported device ", value.device());
-  return ms_deform_attn_forward_cpu(
-      value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  return ms_deform_attn_forward_cpu(in);
 }
 
+// forward's inputs + grad_output
 std::vector<at::Tensor> backward(
     const at::Tensor& value,
     const at::Tensor& spatial_shapes,
@@ -222,22 +221,14 @@ std::vector<at::Tensor> backward(
     const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights,
     const at::Tensor& grad_output) {
-  check_inputs(
-      value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-      &grad_output);
+  const MsdaInputs in{
+      value, spatial_shapes, level_start_index, sampling_locations, attention_weights};
+  check_inputs(in, &grad_output);
   if (value.is_cuda()) {
-#ifdef WITH_CUDA
-    return ms_deform_attn_backward_cuda(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-        grad_output);
-#else
-    TORCH_CHECK(false, "ms_deform_attn: segclip_d2._C was built without CUDA support");
-#endif
+    SEGCLIP_ON_CUDA(ms_deform_attn_backward_cuda(in, grad_output));
   }
   TORCH_CHECK(value.is_cpu(), "ms_deform_attn: unsupported device ", value.device());
-  return ms_deform_attn_backward_cpu(
-      value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-      grad_output);
+  return ms_deform_attn_backward_cpu(in, grad_output);
 }
 
 bool with_cuda() {

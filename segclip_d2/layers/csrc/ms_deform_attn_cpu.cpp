@@ -171,32 +171,27 @@ void cpu_kernel_force_isa(const std::string& name) {
       ")");
 }
 
-at::Tensor ms_deform_attn_forward_cpu(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights) {
-  const auto d = read_dims(value, sampling_locations);
-  const int64_t* sh = spatial_shapes.data_ptr<int64_t>();
-  const int64_t* st = level_start_index.data_ptr<int64_t>();
-  if (value.scalar_type() == at::kBFloat16) {
+at::Tensor ms_deform_attn_forward_cpu(const MsdaInputs& in) {
+  const auto d = read_dims(in.value, in.sampling_locations);
+  const int64_t* sh = in.spatial_shapes.data_ptr<int64_t>();
+  const int64_t* st = in.level_start_index.data_ptr<int64_t>();
+  if (in.value.scalar_type() == at::kBFloat16) {
     // bf16 values (reduced-precision inference), float32 locations, weights and output: half
     // the memory traffic of converting the values to float32 first, and the same result
-    auto out = at::empty({d.B, d.Q, d.H * d.Dh}, sampling_locations.options());
-    const auto* v = reinterpret_cast<const uint16_t*>(value.data_ptr<at::BFloat16>());
-    const float* sl = sampling_locations.data_ptr<float>();
-    const float* aw = attention_weights.data_ptr<float>();
+    auto out = at::empty({d.B, d.Q, d.H * d.Dh}, in.sampling_locations.options());
+    const auto* v = reinterpret_cast<const uint16_t*>(in.value.data_ptr<at::BFloat16>());
+    const float* sl = in.sampling_locations.data_ptr<float>();
+    const float* aw = in.attention_weights.data_ptr<float>();
     float* o = out.data_ptr<float>();
     SEGCLIP_CALL_ISA_COPY(forward<float, uint16_t>(d, v, sh, st, sl, aw, o));
     return out;
   }
   // every element is written by the kernel (no zero fill: one pass over `out` less)
-  auto out = at::empty({d.B, d.Q, d.H * d.Dh}, value.options());
-  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    const scalar_t* v = value.data_ptr<scalar_t>();
-    const scalar_t* sl = sampling_locations.data_ptr<scalar_t>();
-    const scalar_t* aw = attention_weights.data_ptr<scalar_t>();
+  auto out = at::empty({d.B, d.Q, d.H * d.Dh}, in.value.options());
+  AT_DISPATCH_FLOATING_TYPES(in.value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+    const scalar_t* v = in.value.data_ptr<scalar_t>();
+    const scalar_t* sl = in.sampling_locations.data_ptr<scalar_t>();
+    const scalar_t* aw = in.attention_weights.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     SEGCLIP_CALL_ISA_COPY(forward<scalar_t, scalar_t>(d, v, sh, st, sl, aw, o));
   });
@@ -204,22 +199,17 @@ at::Tensor ms_deform_attn_forward_cpu(
 }
 
 std::vector<at::Tensor> ms_deform_attn_backward_cpu(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights,
-    const at::Tensor& grad_output) {
-  const auto d = read_dims(value, sampling_locations);
-  auto grad_value = at::zeros_like(value);
-  auto grad_loc = at::zeros_like(sampling_locations);
-  auto grad_attn = at::zeros_like(attention_weights);
-  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-    const scalar_t* v = value.data_ptr<scalar_t>();
-    const int64_t* sh = spatial_shapes.data_ptr<int64_t>();
-    const int64_t* st = level_start_index.data_ptr<int64_t>();
-    const scalar_t* sl = sampling_locations.data_ptr<scalar_t>();
-    const scalar_t* aw = attention_weights.data_ptr<scalar_t>();
+    const MsdaInputs& in, const at::Tensor& grad_output) {
+  const auto d = read_dims(in.value, in.sampling_locations);
+  auto grad_value = at::zeros_like(in.value);
+  auto grad_loc = at::zeros_like(in.sampling_locations);
+  auto grad_attn = at::zeros_like(in.attention_weights);
+  AT_DISPATCH_FLOATING_TYPES(in.value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+    const scalar_t* v = in.value.data_ptr<scalar_t>();
+    const int64_t* sh = in.spatial_shapes.data_ptr<int64_t>();
+    const int64_t* st = in.level_start_index.data_ptr<int64_t>();
+    const scalar_t* sl = in.sampling_locations.data_ptr<scalar_t>();
+    const scalar_t* aw = in.attention_weights.data_ptr<scalar_t>();
     const scalar_t* go = grad_output.data_ptr<scalar_t>();
     scalar_t* gv = grad_value.data_ptr<scalar_t>();
     scalar_t* gl = grad_loc.data_ptr<scalar_t>();

@@ -171,16 +171,12 @@ __global__ void backward_kernel(
 
 }  // namespace
 
-at::Tensor ms_deform_attn_forward_cuda(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights) {
+at::Tensor ms_deform_attn_forward_cuda(const MsdaInputs& in) {
+  const at::Tensor& value = in.value;
   const c10::cuda::CUDAGuard guard(value.device());
   const int64_t B = value.size(0), S = value.size(1), H = value.size(2), Dh = value.size(3);
-  const int64_t Q = sampling_locations.size(1), L = sampling_locations.size(3);
-  const int64_t P = sampling_locations.size(4);
+  const int64_t Q = in.sampling_locations.size(1), L = in.sampling_locations.size(3);
+  const int64_t P = in.sampling_locations.size(4);
   auto out = at::zeros({B, Q, H * Dh}, value.options());
   const int64_t total = B * Q * H * Dh;
   if (total == 0) {
@@ -197,10 +193,10 @@ at::Tensor ms_deform_attn_forward_cuda(
         L,
         P,
         value.data_ptr<scalar_t>(),
-        spatial_shapes.data_ptr<int64_t>(),
-        level_start_index.data_ptr<int64_t>(),
-        sampling_locations.data_ptr<scalar_t>(),
-        attention_weights.data_ptr<scalar_t>(),
+        in.spatial_shapes.data_ptr<int64_t>(),
+        in.level_start_index.data_ptr<int64_t>(),
+        in.sampling_locations.data_ptr<scalar_t>(),
+        in.attention_weights.data_ptr<scalar_t>(),
         out.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -208,19 +204,15 @@ at::Tensor ms_deform_attn_forward_cuda(
 }
 
 std::vector<at::Tensor> ms_deform_attn_backward_cuda(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights,
-    const at::Tensor& grad_output) {
+    const MsdaInputs& in, const at::Tensor& grad_output) {
+  const at::Tensor& value = in.value;
   const c10::cuda::CUDAGuard guard(value.device());
   const int64_t B = value.size(0), S = value.size(1), H = value.size(2), Dh = value.size(3);
-  const int64_t Q = sampling_locations.size(1), L = sampling_locations.size(3);
-  const int64_t P = sampling_locations.size(4);
+  const int64_t Q = in.sampling_locations.size(1), L = in.sampling_locations.size(3);
+  const int64_t P = in.sampling_locations.size(4);
   auto grad_value = at::zeros_like(value);
-  auto grad_loc = at::zeros_like(sampling_locations);
-  auto grad_attn = at::zeros_like(attention_weights);
+  auto grad_loc = at::zeros_like(in.sampling_locations);
+  auto grad_attn = at::zeros_like(in.attention_weights);
   const int64_t total = B * Q * H * Dh;
   if (total == 0) {
     return {grad_value, grad_loc, grad_attn};
@@ -240,10 +232,10 @@ std::vector<at::Tensor> ms_deform_attn_backward_cuda(
           L,
           P,
           value.data_ptr<scalar_t>(),
-          spatial_shapes.data_ptr<int64_t>(),
-          level_start_index.data_ptr<int64_t>(),
-          sampling_locations.data_ptr<scalar_t>(),
-          attention_weights.data_ptr<scalar_t>(),
+          in.spatial_shapes.data_ptr<int64_t>(),
+          in.level_start_index.data_ptr<int64_t>(),
+          in.sampling_locations.data_ptr<scalar_t>(),
+          in.attention_weights.data_ptr<scalar_t>(),
           grad_output.data_ptr<scalar_t>(),
           grad_value.data_ptr<scalar_t>(),
           grad_loc.data_ptr<scalar_t>(),
