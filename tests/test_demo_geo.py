@@ -31,17 +31,8 @@ def real_geotiff(tile: Path, path: Path, size=288, y0=300, x0=200):
     import rasterio
 
     rgb = cv2.imread(str(tile))[y0 : y0 + size, x0 : x0 + size, ::-1]
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        height=size,
-        width=size,
-        count=3,
-        dtype="uint8",
-        crs="EPSG:32650",
-        transform=TF,
-    ) as ds:
+    profile = dict(driver="GTiff", height=size, width=size, count=3, dtype="uint8")
+    with rasterio.open(path, "w", crs="EPSG:32650", transform=TF, **profile) as ds:
         ds.write(rgb.transpose(2, 0, 1))
     return path
 

@@ -23,12 +23,11 @@ import tempfile
 import time
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import HookBase
 
 import segclip_d2  # noqa: F401
 import segclip_d2.modeling.meta_arch  # noqa: F401
-from segclip_d2 import add_segclip_config
+from segclip_d2.config import load_config
 
 from ..utils.hardware import NATIVE_BF16_ENV
 from .trainer import SegCLIPTrainer, amp_dtype_for
@@ -94,9 +93,7 @@ def main(argv=None):
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
-    cfg = add_segclip_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)  # the one safe config reader
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     variants = args.amp.split(",") if args.amp else [None]
