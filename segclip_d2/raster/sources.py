@@ -330,14 +330,9 @@ def apply_orientation(raw: np.ndarray, orientation: int, path: str = "") -> np.n
     return np.ascontiguousarray(_ORIENT[orientation](raw))
 
 
-class ArraySource:
-    """An ordinary image file decoded into memory."""
-
-    is_geotiff = False
-    display = BandDisplay()
-    crs = None
-    transform = None
-    nodata = None
+class _Source:
+    """What every source is opened with: the file (or GDAL source), ``bands`` (1-based, from
+    ``--bands``) and, for a model that is not 8-bit RGB, its band names and value kind."""
 
     def __init__(
         self,
@@ -347,11 +342,26 @@ class ArraySource:
         values: str | None = None,
     ):
         self.path = str(path)
-        if not os.path.isfile(self.path):
+        if not is_remote(self.path) and not os.path.isfile(self.path):
             raise InputError(f"{self.path}: no such file")
+        self._open(bands, model_band_names(model_bands, values))
+
+    def _open(self, bands: Sequence[int] | None, model: list[str] | None) -> None:
+        raise NotImplementedError
+
+
+class ArraySource(_Source):
+    """An ordinary image file decoded into memory."""
+
+    is_geotiff = False
+    display = BandDisplay()
+    crs = None
+    transform = None
+    nodata = None
+
+    def _open(self, bands: Sequence[int] | None, model: list[str] | None) -> None:
         raw = self._decode()
         count = raw.shape[2]
-        model = model_band_names(model_bands, values)
         if model is not None:  # the model's bands as read (no stretch)
             names = _band_names([None] * count, _format_interp(count))
             chosen, alpha_band = _choose_model_bands(self.path, bands, names, model)
@@ -418,25 +428,16 @@ class ArraySource:
         pass
 
 
-class GeoTiffSource:
+class GeoTiffSource(_Source):
     """A raster read window by window with rasterio: (Geo)TIFF, VRT mosaic, or any source GDAL
     opens (``/vsicurl/https://...``, ``s3://bucket/key.tif``; rasterio maps ``s3://`` to
     ``/vsis3/``)."""
 
     is_geotiff = True
 
-    def __init__(
-        self,
-        path: str | Path,
-        bands: Sequence[int] | None = None,
-        model_bands: Sequence[str] | None = None,
-        values: str | None = None,
-    ):
+    def _open(self, bands: Sequence[int] | None, model: list[str] | None) -> None:
         import rasterio
 
-        self.path = str(path)
-        if not is_remote(self.path) and not os.path.isfile(self.path):
-            raise InputError(f"{self.path}: no such file")
         try:
             self._ds = rasterio.open(self.path)
         except rasterio.errors.RasterioError as e:
@@ -444,7 +445,7 @@ class GeoTiffSource:
                 f"{self.path}: cannot be opened as a raster ({gdal_reason(e)})"
             ) from None
         ds = self._ds
-        self.model_bands = model_band_names(model_bands, values)
+        self.model_bands = model
         try:
             self._setup(bands)
         except Exception:

@@ -58,17 +58,32 @@ def multi_head_attention(
     )
 
 
-class SelfAttentionLayer(nn.Module):
+class _ResidualNorm(nn.Module):
+    """The part the attention layers share: dropout, residual and LayerNorm, before the layer
+    (``normalize_before``, pre-norm) or after it (post-norm)."""
+
+    def __init__(self, d_model: int, dropout: float, normalize_before: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+
+    def _input(self, tgt: torch.Tensor) -> torch.Tensor:
+        return self.norm(tgt) if self.normalize_before else tgt
+
+    def _residual(self, tgt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        tgt = tgt + self.dropout(out)
+        return tgt if self.normalize_before else self.norm(tgt)
+
+
+class SelfAttentionLayer(_ResidualNorm):
     """Multi-head self-attention over the queries + residual + LayerNorm."""
 
     def __init__(
         self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False
     ):
-        super().__init__()
+        super().__init__(d_model, dropout, normalize_before)
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
         xavier_init_matrices(self)
 
     def forward(
@@ -85,26 +100,21 @@ class SelfAttentionLayer(nn.Module):
         Returns:
             (B, Q, C)
         """
-        x = self.norm(tgt) if self.normalize_before else tgt
+        x = self._input(tgt)
         q = k = _with_pos(x, query_pos)
-        out = multi_head_attention(self.self_attn, q, k, x, attn_mask)
-        tgt = tgt + self.dropout(out)
-        return tgt if self.normalize_before else self.norm(tgt)
+        return self._residual(tgt, multi_head_attention(self.self_attn, q, k, x, attn_mask))
 
 
-class CrossAttentionLayer(nn.Module):
+class CrossAttentionLayer(_ResidualNorm):
     """Multi-head cross-attention from the queries to a memory + residual + LayerNorm."""
 
     def __init__(
         self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False
     ):
-        super().__init__()
+        super().__init__(d_model, dropout, normalize_before)
         self.multihead_attn = nn.MultiheadAttention(
             d_model, nhead, dropout=dropout, batch_first=True
         )
-        self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
         xavier_init_matrices(self)
 
     def forward(
@@ -128,7 +138,7 @@ class CrossAttentionLayer(nn.Module):
         Returns:
             (B, Q, C)
         """
-        x = self.norm(tgt) if self.normalize_before else tgt
+        x = self._input(tgt)
         out = multi_head_attention(
             self.multihead_attn,
             _with_pos(x, query_pos),
@@ -136,8 +146,7 @@ class CrossAttentionLayer(nn.Module):
             memory,
             memory_mask,
         )
-        tgt = tgt + self.dropout(out)
-        return tgt if self.normalize_before else self.norm(tgt)
+        return self._residual(tgt, out)
 
 
 class FFNLayer(nn.Module):
