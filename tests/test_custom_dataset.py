@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
+from segclip_d2.checkpoint.files import read_checkpoint
+
 rasterio = pytest.importorskip("rasterio")
 pyogrio = pytest.importorskip("pyogrio")
 shapely = pytest.importorskip("shapely")
@@ -434,9 +436,8 @@ def test_four_band_model_trains_and_evaluates(tmp_path, scenes):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "e2e_val: mIoU" in proc.stdout + proc.stderr
-    import torch
 
-    ckpt = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(out / "model_final.pth")
     assert ckpt["model"]["backbone.stem.conv1.weight"].shape[1] == 4
     card = ckpt["model_card"]
     assert card["class_names"] == ["building", "tree", "water"]

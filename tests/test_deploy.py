@@ -14,15 +14,15 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from test_train import TINY_MODEL_OPTS
 
 import segclip_d2.modeling.meta_arch  # noqa: F401
-from segclip_d2 import add_segclip_config
 from segclip_d2.checkpoint import pretrained as weights
 from segclip_d2.checkpoint.card import CARD_KEY, build_model_card
 from segclip_d2.checkpoint.checkpointer import InferenceCheckpointer, ModelCardCheckpointer
+from segclip_d2.checkpoint.files import read_checkpoint
+from segclip_d2.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TILE = 64
@@ -30,10 +30,7 @@ TINY = TINY_MODEL_OPTS + ["INPUT.CROP.SIZE", "(64, 64)", "INPUT.GSD_M", "0.3"]
 
 
 def tiny_cfg(*opts):
-    cfg = add_segclip_config(get_cfg())
-    cfg.merge_from_file(str(REPO / "configs" / "synthetic" / "segclip_cpu.yaml"))
-    cfg.merge_from_list(TINY + list(opts))
-    return cfg
+    return load_config(str(REPO / "configs" / "synthetic" / "segclip_cpu.yaml"), TINY + list(opts))
 
 
 def load_tool(name):
@@ -72,7 +69,7 @@ def trained(tmp_path_factory):
 
 
 def test_checkpoint_carries_the_model_card(trained):
-    card = torch.load(trained["path"], map_location="cpu", weights_only=False)[CARD_KEY]
+    card = read_checkpoint(trained["path"])[CARD_KEY]
     model = trained["model"]
     assert card["class_names"] == model.class_names and len(card["colors"]) == 7
     assert card["prompts"][2] == "a photo with a road"
@@ -133,7 +130,7 @@ def test_offline_evaluation_with_required_openai_weights_uses_the_stored_embeddi
     assert not model.text_encoder.loaded  # CLIP was never needed
     # Without the card the same setup must fail: the weights are required and missing.
     bare = build_model(cfg).eval()
-    state = torch.load(trained["path"], map_location="cpu", weights_only=False)
+    state = read_checkpoint(trained["path"])
     del state[CARD_KEY]
     torch.save(state, tmp_path / "nocard.pth")
     InferenceCheckpointer(bare).load(str(tmp_path / "nocard.pth"))
@@ -391,7 +388,7 @@ def test_resolution_from_opts_or_flag_and_refused_when_unknown(trained, tmp_path
     --opts INPUT.GSD_M 0.3 or --resolution-cm 30 gives it; both write resolution 30."""
     import onnx
 
-    state = torch.load(trained["path"], map_location="cpu", weights_only=False)
+    state = read_checkpoint(trained["path"])
     state[CARD_KEY]["training"]["gsd_m"] = None
     torch.save(state, tmp_path / "nogsd.pth")
     cfg = trained["cfg"].clone()

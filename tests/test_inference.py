@@ -240,18 +240,15 @@ def test_tiny_segclip_eval_is_one_whole_image_pass_and_the_wrapper_runs_the_mode
     """The real (tiny, random) model: its eval forward is one whole-image pass; the model wrapped
     with SegmentorWithInference gives the same result in whole mode, and sliding windows whose
     crop covers the image reproduce it."""
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
     import segclip_d2.modeling  # noqa: F401
     import segclip_d2.modeling.backbone  # noqa: F401
     import segclip_d2.modeling.meta_arch  # noqa: F401
-    from segclip_d2 import add_segclip_config
+    from segclip_d2.config import load_config
 
     cfg_file = tiny_config(tmp_path, "linear")
-    cfg = get_cfg()
-    add_segclip_config(cfg)
-    cfg.merge_from_file(str(cfg_file))
+    cfg = load_config(str(cfg_file))
     cfg.TEST.PRECISION = "fp32"  # compared with the model's own fp32 pass
     torch.manual_seed(0)
     model = build_model(cfg).eval()

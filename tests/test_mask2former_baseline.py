@@ -5,12 +5,11 @@ import math
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from test_model_segclip import _image, _train_input, tiny_cfg  # tests/ is on sys.path
 from test_train import REPO, TINY_OPTS, _train, tiny_synthetic  # noqa: F401  (fixture)
 
-from segclip_d2.config import add_segclip_config
+from segclip_d2.config import load_config
 from segclip_d2.modeling.transformer_decoder import (
     TRANSFORMER_DECODER_REGISTRY,
     Mask2FormerTransformerDecoder,
@@ -71,8 +70,7 @@ def test_baseline_with_the_text_class_head_builds_the_text_encoder():
 
 @pytest.mark.slow
 def test_baseline_config_trains_on_the_synthetic_set(tiny_synthetic, tmp_path):  # noqa: F811
-    cfg = add_segclip_config(get_cfg())
-    cfg.merge_from_file(str(REPO / "configs" / "synthetic" / "mask2former_baseline_cpu.yaml"))
+    cfg = load_config(str(REPO / "configs" / "synthetic" / "mask2former_baseline_cpu.yaml"))
     cfg.merge_from_list(
         TINY_OPTS
         + ["OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "30", "SOLVER.BASE_LR", "0.002"]

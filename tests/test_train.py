@@ -19,6 +19,8 @@ from torch import nn
 import segclip_d2  # noqa: F401
 import segclip_d2.modeling.meta_arch  # noqa: F401
 from segclip_d2 import add_segclip_config
+from segclip_d2.checkpoint.files import read_checkpoint
+from segclip_d2.config import load_config
 from segclip_d2.engine import SegCLIPTrainer, WarmupPolyLR, build_gradient_clipper
 from segclip_d2.engine.data import PositionedTrainingSampler
 from segclip_d2.engine.optimizer import get_param_groups
@@ -85,10 +87,8 @@ def tiny_synthetic(tmp_path_factory):
 
 
 def tiny_cfg(output_dir, *opts):
-    cfg = add_segclip_config(get_cfg())
-    cfg.merge_from_file(str(REPO / "configs" / "synthetic" / "segclip_cpu.yaml"))
-    cfg.merge_from_list(TINY_OPTS + ["OUTPUT_DIR", str(output_dir)] + list(opts))
-    return cfg
+    config = str(REPO / "configs" / "synthetic" / "segclip_cpu.yaml")
+    return load_config(config, TINY_OPTS + ["OUTPUT_DIR", str(output_dir)] + list(opts))
 
 
 # ---------------------------------------------------------------------- unit parts
@@ -235,7 +235,7 @@ def test_train_net_main_end_to_end(tiny_synthetic, tmp_path):
     assert 0 <= results["sem_seg"]["mIoU"] <= 100
     assert (out / "model_best.pth").is_file() and (out / "model_final.pth").is_file()
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
-    best = torch.load(out / "model_best.pth", map_location="cpu", weights_only=False)
+    best = read_checkpoint(out / "model_best.pth")
     assert best["best_metric"] == pytest.approx(
         max(
             json.loads(line)["sem_seg/mIoU"]
@@ -251,7 +251,7 @@ def test_train_net_main_end_to_end(tiny_synthetic, tmp_path):
     card = best["model_card"]  # the checkpoint describes itself, metrics at save time included
     assert card["metrics"]["sem_seg/mIoU"] == pytest.approx(best["best_metric"])
     assert card["training"]["iteration"] == best["iteration"] and len(card["text_embeddings"]) == 7
-    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    final = read_checkpoint(out / "model_final.pth")
     assert final["model_card"]["class_names"] == card["class_names"]
 
     args = train_net.build_parser().parse_args(

@@ -15,6 +15,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 from test_train import REPO, TINY_OPTS, tiny_cfg  # tests/ is on sys.path (rootdir import mode)
 
+from segclip_d2.checkpoint.files import read_checkpoint
 from segclip_d2.launch import find_free_port
 
 # SGD, so the weight change after a step is -lr x gradient. FrozenBN: batch statistics
@@ -46,7 +47,7 @@ def _result(out_dir, log):
 
 
 def _weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return read_checkpoint(path)["model"]
 
 
 def _subprocess(cmd, env, what):
