@@ -7,12 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from segclip_d2.checkpoint.widen import MAX_NEW_BAND_GAIN
 from segclip_d2.data.bands import display_rgb, rgb_indices
-from segclip_d2.modeling.backbone.clip_resnet import (
-    MAX_NEW_BAND_GAIN,
-    CLIPResNetBackbone,
-    widen_first_conv,
-)
+from segclip_d2.modeling.backbone.clip_resnet import CLIPResNetBackbone, widen_first_conv
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +152,79 @@ def test_synthetic_rgb_set_is_unchanged_by_the_nir_option(tmp_path):
     three = cv2.imread(str(rgb / "train/images/train_0000.png"))[..., ::-1]
     assert four.shape == (64, 64, 4) and four.dtype == np.uint8
     np.testing.assert_array_equal(four[..., :3], three)
+
+
+def _resnet_cfg(tiny_config, folder, bands, mean, std):
+    from segclip_d2.config import load_config
+
+    nir = len(bands) == 4
+    opts = [
+        "MODEL.BACKBONE.NAME", "build_resnet_backbone", "MODEL.RESNETS.DEPTH", "18",
+        "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.RESNETS.NORM", "BN",
+        "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']",
+        "MODEL.WEIGHTS", "", "INPUT.BANDS", str(bands),
+        "MODEL.PIXEL_MEAN", str(mean), "MODEL.PIXEL_STD", str(std),
+        "DATASETS.TRAIN", f"('synthetic_aerial{'_nir' if nir else ''}_train',)",
+        "DATASETS.TEST", f"('synthetic_aerial{'_nir' if nir else ''}_val',)",
+    ]  # fmt: skip
+    return load_config(str(tiny_config(folder)), opts)
+
+
+def test_training_widens_an_imagenet_pkl_backbone_to_the_model_bands(tmp_path, tiny_config):
+    """A detectron2 ``.pkl`` (RGB ImageNet ResNet, keys without ``backbone.``) given as
+    MODEL.WEIGHTS to an RGB+NIR model: the stem keeps the R, G, B kernels and the NIR kernel is
+    the scaled mean; every other backbone weight loads as is (nothing left random)."""
+    import pickle
+
+    from detectron2.modeling import build_model
+
+    from segclip_d2.checkpoint.widen import widen_rgb_kernels
+    from segclip_d2.engine.checkpointer import TrainingCheckpointer
+
+    torch.manual_seed(0)
+    rgb = ["red", "green", "blue"]
+    rgb_cfg = _resnet_cfg(tiny_config, tmp_path, rgb, [123.7, 116.3, 103.5], [58.4, 57.1, 57.4])
+    rgb_model = build_model(rgb_cfg)
+    pkl = {
+        k.removeprefix("backbone."): v.numpy().copy()
+        for k, v in rgb_model.state_dict().items()
+        if k.startswith("backbone.")
+    }
+    path = tmp_path / "R-18.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": pkl, "__author__": "torchvision", "matching_heuristics": True}, f)
+
+    bands = [*rgb, "nir"]
+    nir_cfg = _resnet_cfg(tiny_config, tmp_path, bands, [123.7, 116.3, 103.5, 121.5], [58] * 4)
+    torch.manual_seed(1)
+    model = build_model(nir_cfg)
+    assert model.input_bands == tuple(bands)
+    ckpt = TrainingCheckpointer(model, str(tmp_path / "out"), card_fn=lambda extra: {})
+    ckpt.load(str(path), checkpointables=[])
+    stem = model.state_dict()["backbone.stem.conv1.weight"]
+    assert stem.shape[1] == 4
+    rgb_stem = torch.from_numpy(pkl["stem.conv1.weight"])
+    torch.testing.assert_close(stem[:, :3], rgb_stem)
+    torch.testing.assert_close(stem, widen_rgb_kernels(rgb_stem, bands))
+    state = model.state_dict()
+    for key in ("res2.0.conv1.weight", "res5.1.conv2.weight"):
+        torch.testing.assert_close(state[f"backbone.{key}"], torch.from_numpy(pkl[key]))
+
+
+def test_inference_loading_never_widens(tmp_path, tiny_config):
+    """Evaluation and the demo refuse an RGB checkpoint for an N-band model: widening is a
+    training start, not a way to run RGB weights on other bands."""
+    from detectron2.modeling import build_model
+
+    from segclip_d2.checkpoint.checkpointer import CheckpointMismatchError, InferenceCheckpointer
+
+    rgb = ["red", "green", "blue"]
+    rgb_model = build_model(
+        _resnet_cfg(tiny_config, tmp_path, rgb, [123.7, 116.3, 103.5], [58.4, 57.1, 57.4])
+    )
+    path = tmp_path / "rgb.pth"
+    torch.save({"model": rgb_model.state_dict()}, path)
+    bands = [*rgb, "nir"]
+    model = build_model(_resnet_cfg(tiny_config, tmp_path, bands, [120] * 4, [58] * 4))
+    with pytest.raises(CheckpointMismatchError, match="stem.conv1"):
+        InferenceCheckpointer(model).load(str(path))

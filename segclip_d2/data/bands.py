@@ -14,7 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-RGB_BANDS = ("red", "green", "blue")
+from ..utils.bands import RGB_NAMES as RGB_BANDS
+from ..utils.bands import check_band_names
+
+__all__ = ["RGB_BANDS", "check_band_names", "display_rgb", "read_tiff_bands", "rgb_indices"]
 TIFF_SUFFIXES = (".tif", ".tiff")
 
 
@@ -24,14 +27,6 @@ def rgb_indices(bands: Sequence[str]) -> tuple[int, int, int] | None:
     if not all(c in names for c in RGB_BANDS):
         return None
     return tuple(names.index(c) for c in RGB_BANDS)
-
-
-def check_band_names(bands: Sequence[str], where: str) -> list[str]:
-    """``bands`` as a list of distinct non-empty lower-case names, else ``ValueError``."""
-    names = [str(b).strip().lower() for b in bands]
-    if not names or any(not n for n in names) or len(set(names)) != len(names):
-        raise ValueError(f"{where}: band names must be distinct and non-empty, got {list(bands)}")
-    return names
 
 
 def read_tiff_bands(path: str | Path) -> np.ndarray:

@@ -1,6 +1,9 @@
 """The training run's checkpointer: the model-card checkpointer of
 :mod:`segclip_d2.checkpoint.checkpointer` (atomic saves), which also refuses to write weights
 that are not finite, and turns a full disk into one line naming the file and the free space.
+Loading ``MODEL.WEIGHTS`` for a model of other bands than RGB widens the weights' RGB input
+convolution to those bands (:mod:`segclip_d2.checkpoint.widen`): an ImageNet ``.pkl`` backbone
+or an RGB SegCLIP checkpoint then starts the N-band model instead of leaving its stem random.
 
 Either way nothing is replaced: ``atomic_output`` leaves the previous file and
 ``last_checkpoint`` as they were.
@@ -15,6 +18,7 @@ import shutil
 import torch
 
 from ..checkpoint.checkpointer import ModelCardCheckpointer
+from ..checkpoint.widen import widen_checkpoint_inputs
 from ..errors import UserError
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -45,7 +49,17 @@ def _state_mb(state_dict: dict) -> float:
 
 
 class TrainingCheckpointer(ModelCardCheckpointer):
-    """``save`` refuses non-finite weights and reports a failed write as a user error."""
+    """``save`` refuses non-finite weights and reports a failed write as a user error; loading
+    widens RGB input convolutions to the model's bands."""
+
+    def _load_model(self, checkpoint):
+        model = getattr(self.model, "module", self.model)  # DDP
+        weights = checkpoint.get("model")
+        if isinstance(weights, dict):
+            widen_checkpoint_inputs(
+                weights, model.state_dict(), getattr(model, "input_bands", None), "MODEL.WEIGHTS"
+            )
+        return super()._load_model(checkpoint)
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:

@@ -74,6 +74,7 @@ class SegCLIP(nn.Module):
         class_head: str = "linear",
         gt_guidance: bool = True,
         postprocess: str = "low",
+        input_bands: Sequence[str] = ("red", "green", "blue"),
     ):
         super().__init__()
         if postprocess not in POSTPROCESS_MODES:
@@ -95,6 +96,8 @@ class SegCLIP(nn.Module):
         self.criterion = criterion
         self.text_encoder = text_encoder
         self.class_names = list(class_names)
+        # what the input channels are (INPUT.BANDS): loading RGB weights widens to them
+        self.input_bands = tuple(str(b).lower() for b in input_bands)
         self.num_train_classes = len(self.class_names)
         self.size_divisibility = int(size_divisibility)
         self.class_head = class_head
@@ -153,6 +156,7 @@ class SegCLIP(nn.Module):
             "class_head": cfg.MODEL.SEGCLIP.CLASS_HEAD,
             "gt_guidance": cfg.MODEL.SEGCLIP.GT_GUIDANCE.ENABLED,
             "postprocess": cfg.MODEL.SEGCLIP.POSTPROCESS,
+            "input_bands": list(cfg.INPUT.BANDS),
         }
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

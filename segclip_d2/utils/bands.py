@@ -19,3 +19,11 @@ def input_values(bands: Sequence[str], pixel_mean: Sequence[float]) -> str:
     if names == list(RGB_NAMES) and all(0.0 <= float(m) <= 255.0 for m in pixel_mean):
         return RGB_0_255
     return AS_READ
+
+
+def check_band_names(bands: Sequence[str], where: str) -> list[str]:
+    """``bands`` as a list of distinct non-empty lower-case names, else ``ValueError``."""
+    names = [str(b).strip().lower() for b in bands]
+    if not names or any(not n for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{where}: band names must be distinct and non-empty, got {list(bands)}")
+    return names

@@ -7,7 +7,8 @@ anti-aliased (average-pool) downsampling, returned as res2..res5 at strides 4/8/
 (``MODEL.PIXEL_MEAN/STD`` set to CLIP's statistics in the CLIP configs).
 
 Inputs with other bands than RGB (``INPUT.BANDS``, e.g. red, green, blue, nir) get a widened
-first convolution, built from the pretrained RGB one by :func:`widen_first_conv`.
+first convolution, built from the pretrained RGB one by :func:`widen_first_conv` (the rule is
+documented in :mod:`segclip_d2.checkpoint.widen`).
 """
 
 from __future__ import annotations
@@ -22,15 +23,12 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from torch import nn
 
 from segclip_d2.checkpoint.pretrained import load_open_clip_model
+from segclip_d2.checkpoint.widen import widen_rgb_kernels
 from segclip_d2.data.bands import RGB_BANDS, check_band_names
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CLIPResNetBackbone", "build_clip_resnet_backbone", "widen_first_conv"]
-
-# Largest gain of a new band's kernel over the mean RGB kernel: the gain of three orthogonal
-# kernels of equal norm (see widen_first_conv).
-MAX_NEW_BAND_GAIN = 3**0.5
 
 _STAGES = ("res2", "res3", "res4", "res5")
 _NORMS = ("FrozenBN", "BN", "SyncBN")
@@ -55,40 +53,14 @@ class _CLIPStem(nn.Module):
 
 @torch.no_grad()
 def widen_first_conv(conv: nn.Conv2d, bands: Sequence[str]) -> nn.Conv2d:
-    """A copy of the RGB convolution ``conv`` (in_channels 3, in R, G, B order) taking ``bands``.
-
-    The rule, per output channel ``o`` (``W_c`` is the pretrained kernel of colour ``c``):
-
-    * a band named ``red``, ``green`` or ``blue`` gets that colour's kernel unchanged. So on
-      the visible bands, with every other band zero (its mean, after normalisation), the widened
-      convolution gives exactly the RGB one's output: the pretrained model is kept as it was;
-    * every other band gets the mean kernel ``M = (W_r + W_g + W_b) / 3`` scaled by
-      ``s_o = sqrt(mean_c |W_c[o]|^2) / |M[o]|``, capped at ``sqrt(3)``. For a band of
-      zero-mean, unit-variance, uncorrelated pixels the expected squared response of a kernel
-      ``K`` is ``|K|^2``, so a new band's activations get the size of a visible band's: averaging
-      kernels that partly cancel (colour-opponent filters) shrinks ``|M|`` and ``s_o`` undoes
-      that. The cap is ``s_o`` of three orthogonal kernels of equal norm; kernels that cancel
-      more than that (``M`` is then mostly noise) are not blown up beyond it.
-
-    The sum of the activations is not kept (impossible while the RGB output is kept exactly): a
-    new band that carries signal adds to it, as a fourth colour would. Without any of red, green
-    and blue in ``bands``, every band gets the scaled mean kernel.
-    """
-    names = check_band_names(bands, "INPUT.BANDS")
+    """A copy of the RGB convolution ``conv`` (in_channels 3, in R, G, B order) taking ``bands``:
+    its kernels widened by the rule of :mod:`segclip_d2.checkpoint.widen` (red, green and blue
+    kept exactly; every other band the mean RGB kernel scaled to a visible band's activation)."""
     if conv.in_channels != 3:
         raise ValueError(f"widen_first_conv takes an RGB convolution, got {conv.in_channels}")
-    w = conv.weight  # (O, 3, k, k)
-    mean = w.mean(dim=1)  # (O, k, k)
-    rms = w.pow(2).sum(dim=(2, 3)).mean(dim=1).sqrt()  # (O,)
-    gain = (rms / mean.pow(2).sum(dim=(1, 2)).sqrt().clamp_min(1e-12)).clamp(max=MAX_NEW_BAND_GAIN)
-    kernels = []
-    for name in names:
-        if name in RGB_BANDS:
-            kernels.append(w[:, RGB_BANDS.index(name)])
-        else:
-            kernels.append(mean * gain[:, None, None])
+    weight = widen_rgb_kernels(conv.weight, bands)
     wide = nn.Conv2d(
-        len(names),
+        weight.shape[1],
         conv.out_channels,
         conv.kernel_size,
         conv.stride,
@@ -97,10 +69,10 @@ def widen_first_conv(conv: nn.Conv2d, bands: Sequence[str]) -> nn.Conv2d:
         conv.groups,
         conv.bias is not None,
         conv.padding_mode,
-        device=w.device,
-        dtype=w.dtype,
+        device=weight.device,
+        dtype=weight.dtype,
     )
-    wide.weight.copy_(torch.stack(kernels, dim=1))
+    wide.weight.copy_(weight)
     if conv.bias is not None:
         wide.bias.copy_(conv.bias)
     return wide
