@@ -18,8 +18,9 @@ Both back-ends are one object with ``predict_probs(rgb)``, ``class_names`` and `
 (:func:`load_backend`); everything after loading is one flow: inputs are cut into blocks of
 ``--block-size`` pixels with ``--block-margin`` of context, blended (``--block-blend``), and fed
 to the output writers block by block. Inputs that cannot be read are reported and skipped (exit
-1); a bad command line, config, weights or model file is one line ``error: <where>: <what>;
-<fix>`` and exit 2, found before anything is written. Disk full fails the input being written and
+1); a bad command line, config, weights or model file, or an input whose bands do not fit the
+model (read from its header), is one line ``error: <where>: <what>; <fix>`` and exit 2, found
+before anything is written. Disk full fails the input being written and
 the run goes on; the manifest still lists every input.
 """
 
@@ -153,7 +154,13 @@ def _main(argv=None) -> int:
     from segclip_d2.cli import output_options
     from segclip_d2.data.visualize import draw_legend
     from segclip_d2.errors import UserError, check_writable_dir
-    from segclip_d2.geo.batch import InputRun, expand_inputs, output_stems, shard
+    from segclip_d2.geo.batch import (
+        InputRun,
+        check_band_choice,
+        expand_inputs,
+        output_stems,
+        shard,
+    )
     from segclip_d2.geo.gsd import GsdPolicy
     from segclip_d2.geo.outputs import is_output_name
     from segclip_d2.launch import Launch
@@ -176,6 +183,7 @@ def _main(argv=None) -> int:
     files, missing = expand_inputs(args.input, out_dir, is_output_name)
     for p, why in missing:
         logger.error("input %s: %s", p, why)
+    check_band_choice(files, args.bands, backend.bands, backend.values)
     launch = Launch()
     jobs = shard(list(enumerate(zip(files, output_stems(files)))), launch.rank, launch.world_size)
     out_dir.mkdir(parents=True, exist_ok=True)

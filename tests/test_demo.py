@@ -31,8 +31,8 @@ def run_demo(demo, config, folder: Path, image: Path, *extra: str, head: str = "
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, shared_data, demo, tiny_config, write_geotiff):
-    """One demo run over a crop of a real LoveDA tile, a GeoTIFF, a corrupt PNG and an
-    unsupported 2-band TIFF."""
+    """One demo run over a crop of a real LoveDA tile, a GeoTIFF and a corrupt PNG (and, kept
+    outside the folder, an unsupported 2-band TIFF)."""
     import rasterio
 
     shared = shared_data / "loveda" / "images" / "0.png"
@@ -47,7 +47,7 @@ def demo_run(tmp_path_factory, shared_data, demo, tiny_config, write_geotiff):
     transform = write_geotiff(inputs / "scene.tif", height=100, width=60)
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
     with rasterio.open(
-        inputs / "twoband.tif", "w", driver="GTiff", height=20, width=20, count=2, dtype="uint8"
+        tmp / "twoband.tif", "w", driver="GTiff", height=20, width=20, count=2, dtype="uint8"
     ) as ds:
         ds.write(np.zeros((2, 20, 20), np.uint8))
     out = tmp / "out"
@@ -82,6 +82,9 @@ def demo_run(tmp_path_factory, shared_data, demo, tiny_config, write_geotiff):
     return {
         "code": code,
         "out": out,
+        "config": tiny_config(tmp),
+        "inputs": inputs,
+        "twoband": tmp / "twoband.tif",
         "log": "\n".join(records),
         "transform": transform,
         "real": real[:, :, ::-1],
@@ -133,9 +136,21 @@ def test_demo_reports_bad_inputs_and_processes_the_others(demo_run):
     out, log = demo_run["out"], demo_run["log"]
     assert demo_run["code"] == 1
     assert "broken.png" in log and "cannot be decoded" in log
-    assert "twoband.tif" in log and "--bands" in log
-    assert not list(out.glob("broken_*")) and not list(out.glob("twoband_*"))
+    assert not list(out.glob("broken_*"))
     assert (out / "tile_pred.png").is_file() and (out / "scene_pred.tif").is_file()
+
+
+def test_demo_refuses_a_run_with_an_input_of_unfit_bands(demo_run, demo, tmp_path, capsys):
+    """A raster whose bands the model cannot take without --bands is a usage error, not a
+    failed input: one line naming it, exit 2, before any output is written."""
+    out = tmp_path / "out"
+    argv = ["--config-file", str(demo_run["config"]), "--input", str(demo_run["inputs"]),
+            str(demo_run["twoband"]), "--output", str(out), "--no-progress",
+            "--allow-random-weights"]  # fmt: skip
+    assert demo.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "twoband.tif" in err[-1] and "--bands" in err[-1]
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_demo_classes_needs_the_text_head(demo, tiny_config, tmp_path, capsys):

@@ -179,31 +179,89 @@ def _errors(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
 
 
-def test_rgb_model_refuses_a_four_band_raster_without_bands(nband, tiny_config, caplog):
-    """As before N-band models: the input fails with one line asking for --bands (exit 1)."""
+def _refused(capsys, out: Path, name: str) -> str:
+    """The run's one error line (naming ``name``); nothing was written to ``out``."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and name in err[-1], err
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
+    return err[-1]
+
+
+def test_rgb_model_refuses_a_four_band_raster_without_bands(nband, tiny_config, capsys):
+    """Bands that do not fit the model are a usage error found from the header: one line,
+    exit 2, nothing written, also when another input of the run is fine."""
     raster = write_raster(nband["tmp"] / "plain.tif", nband["image"], BANDS, ["blue", "green",
                           "red", "nir"])  # fmt: skip
+    good = write_raster(nband["tmp"] / "good.tif", nband["image"][..., :3], BANDS[:3], BANDS[:3])
     config = tiny_config(nband["tmp"])
-    code = _demo(["--config-file", str(config), "--allow-random-weights", "--input",
-                  str(raster), "--output", str(nband["tmp"] / "out_rgb")])  # fmt: skip
-    assert code == 1
-    [line] = [m for m in _errors(caplog) if "plain.tif" in m]
-    assert "--bands" in line and "\n" not in line
+    out = nband["tmp"] / "out_rgb"
+    code = _demo(["--config-file", str(config), "--allow-random-weights", "--input", str(good),
+                  str(raster), "--output", str(out)])  # fmt: skip
+    assert code == 2
+    line = _refused(capsys, out, "plain.tif")
+    assert "--bands" in line
+    # --bands fixes it
+    code = _demo(["--config-file", str(config), "--allow-random-weights", "--input", str(raster),
+                  "--output", str(out), "--bands", "3,2,1"])  # fmt: skip
+    assert code == 0 and (out / "plain_pred.tif").is_file()
 
 
-def test_four_band_model_refuses_a_three_band_raster(nband, caplog, capsys):
+def test_four_band_model_refuses_a_three_band_raster(nband, capsys):
     raster = write_raster(
         nband["tmp"] / "rgb.tif", nband["image"][..., :3], BANDS[:3], ["red", "green", "blue"]
     )
+    png = nband["tmp"] / "rgb.png"
+    import cv2
+
+    cv2.imwrite(str(png), np.ascontiguousarray(nband["image"][..., 2::-1]))
     base = ["--config-file", str(nband["config"]), "--input", str(raster), "--opts",
             "MODEL.WEIGHTS", str(nband["weights"])]  # fmt: skip
-    code = _demo([*base[:4], "--output", str(nband["tmp"] / "out_3"), *base[4:]])
-    assert code == 1
-    [line] = [m for m in _errors(caplog) if "rgb.tif" in m]
+    out = nband["tmp"] / "out_3"
+    assert _demo([*base[:4], "--output", str(out), *base[4:]]) == 2
+    line = _refused(capsys, out, "rgb.tif")
     assert "1=red, 2=green, 3=blue" in line and "red,green,blue,nir" in line
+    base[3] = str(png)  # an ordinary image: its header tells the 3 channels too
+    assert _demo([*base[:4], "--output", str(out), *base[4:]]) == 2
+    assert "red,green,blue,nir" in _refused(capsys, out, "rgb.png")
+    base[3] = str(raster)
     # --bands with another count than the model's bands: one line, exit 2, nothing run
     code = _demo([*base[:4], "--output", str(nband["tmp"] / "out_b"), "--bands", "1,2,3",
                   *base[4:]])  # fmt: skip
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: --bands:") and "red,green,blue,nir" in err[-1]
+    # a band number the raster lacks
+    code = _demo([*base[:4], "--output", str(out), "--bands", "1,2,3,4", *base[4:]])
+    assert code == 2
+    assert "has 3 band(s)" in _refused(capsys, out, "rgb.tif")
+
+
+def test_nband_int8_export_calibrates_on_the_model_bands(nband, tmp_path):
+    """int8 of a 4-band model: calibration tiles are read with the model's bands by name (the
+    raster stores NIR first), and the int8 file takes 4 channels and runs in the demo."""
+    import onnx
+
+    from segclip_d2.deploy.quantize import calibration_tiles
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    write_raster(calib / "a.tif", nband["image"], BANDS, FILE_ORDER)
+    tiles = calibration_tiles(str(calib), TILE, 4, BANDS, "as_read")
+    assert tiles.shape == (1, TILE, TILE, 4)
+    np.testing.assert_array_equal(tiles[0], nband["image"])
+
+    tool = _load("export_onnx_nband_int8", REPO / "tools/export_onnx.py")
+    onnx_path = tmp_path / "m.onnx"
+    argv = ["--config-file", str(nband["config"]), "--weights", str(nband["weights"]),
+            "--tile-size", str(TILE), "--output", str(onnx_path), "--int8", str(calib),
+            "--verify-image", str(nband["raster"]), "--min-agreement-int8", "0"]  # fmt: skip
+    assert tool.run_main(tool.main, argv) == 0
+    int8 = tmp_path / "m.int8.onnx"
+    model = onnx.load(str(int8))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [4, TILE, TILE]
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    out = tmp_path / "out_int8"
+    assert _demo(["--onnx", str(int8), "--output", str(out), "--input", str(nband["raster"]),
+                  "--block-size", str(TILE)]) == 0  # fmt: skip
+    assert (out / "scene_pred.tif").is_file()

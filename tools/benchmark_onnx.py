@@ -136,16 +136,25 @@ def overlap_sweep(model: str, images: list, overlaps: list[float]) -> list[dict]
     return rows
 
 
-def read_images(folder: str) -> list:
-    import cv2
-
+def read_images(folder: str, bands=None, values=None) -> list:
+    """The images of ``folder`` as the demo reads them for the model of ``bands``/``values``."""
     from segclip_d2.deploy.quantize import IMAGE_SUFFIXES
+    from segclip_d2.raster.sources import InputError, open_source
 
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    images = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths]
-    if not paths or any(im is None for im in images):
+    if not paths:
         raise UserError(folder, "needs readable images (" + ", ".join(IMAGE_SUFFIXES) + ")")
-    return [im[:, :, ::-1].copy() for im in images]
+    images = []
+    for p in paths:
+        try:
+            src = open_source(p, None, bands, values)
+        except InputError as e:
+            raise UserError(str(p), str(e).removeprefix(f"{p}: ")) from None
+        try:
+            images.append(src.read(0, 0, src.height, src.width)[0].copy())
+        finally:
+            src.close()
+    return images
 
 
 def main(argv=None) -> int:
@@ -161,10 +170,12 @@ def main(argv=None) -> int:
     from segclip_d2.deploy.onnx_predictor import OnnxSegmenter
     from segclip_d2.deploy.quantize import calibration_tiles
 
-    tile = OnnxSegmenter(args.models[0]).tile_size
+    first = OnnxSegmenter(args.models[0])
+    tile = first.tile_size
     results = {"cpu": cpu_name()}
     if args.overlaps:
-        sweep = overlap_sweep(args.models[0], read_images(args.images), args.overlaps)
+        images = read_images(args.images, first.bands, first.values)
+        sweep = overlap_sweep(args.models[0], images, args.overlaps)
         results["deepness_overlaps"] = sweep
         print(f"Deepness tiling vs the project's windows ({args.models[0]}, tile {tile}):")
         for r in sweep:
@@ -175,7 +186,7 @@ def main(argv=None) -> int:
                 + " / ".join(f"{100 * v:.2f}%" for v in r["mean"])
             )
     if len(args.models) > 1 or not args.overlaps:
-        tiles = calibration_tiles(args.images, tile, args.tiles)
+        tiles = calibration_tiles(args.images, tile, args.tiles, first.bands, first.values)
         rows = compare(args, tiles)
         results["models"] = rows
         print(f"{len(tiles)} tiles of {tile} px, {args.rounds} rounds, CPU: {results['cpu']}")

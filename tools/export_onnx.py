@@ -347,6 +347,17 @@ def model_tile_size(path: str) -> int:
                .dim[2].dim_value)  # fmt: skip
 
 
+def calibration(args, cfg):
+    """The int8 calibration tiles from ``--int8``, read with the model's bands (an N-band
+    model's by name, as the demo reads them)."""
+    from segclip_d2.deploy.quantize import calibration_tiles
+    from segclip_d2.utils.bands import input_values
+
+    bands = [str(b).lower() for b in cfg.INPUT.BANDS]
+    values = input_values(bands, cfg.MODEL.PIXEL_MEAN)
+    return calibration_tiles(args.int8, args.tile_size, args.calibration_tiles, bands, values)
+
+
 def int8_path(output: str) -> str:
     root, ext = os.path.splitext(output)
     return f"{root}.int8{ext or '.onnx'}"
@@ -417,19 +428,13 @@ def main(argv=None) -> int:
     overlap = DEFAULT_TILES_OVERLAP_PERCENT if args.tiles_overlap is None else args.tiles_overlap
     if not 0 <= overlap < 100:
         raise UserError("--tiles-overlap", f"must be a percentage in 0..99, got {overlap}")
-    tiles = None
-    if args.int8:
-        from segclip_d2.deploy.quantize import calibration_tiles
-
-        if not os.path.isdir(args.int8):
-            raise UserError(args.int8, "no such folder of calibration images (--int8)")
-        tiles = calibration_tiles(args.int8, args.tile_size, args.calibration_tiles)
+    if args.int8 and not os.path.isdir(args.int8):
+        raise UserError(args.int8, "no such folder of calibration images (--int8)")
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise UserError(args.output, f"folder {out_dir} does not exist")
     cfg, model, card = build(args)
-    if args.int8 and list(cfg.INPUT.BANDS) != ["red", "green", "blue"]:
-        raise UserError("--int8", "calibration reads RGB images", "export an RGB model's int8")
+    tiles = calibration(args, cfg) if args.int8 else None
     resolution = model_resolution_cm(args, cfg, card)
 
     from segclip_d2.deploy.export import export_onnx

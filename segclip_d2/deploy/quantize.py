@@ -1,6 +1,6 @@
 """Static int8 quantisation of an exported SegCLIP ONNX model (onnxruntime.quantization).
 
-    tiles = calibration_tiles("calibration/", 512, 16)   # (N, S, S, 3) uint8 RGB, real imagery
+    tiles = calibration_tiles("calibration/", 512, 16)   # (N, S, S, C): real imagery
     kept = quantize_int8("model.onnx", "model.int8.onnx", tiles)
 
 The result is a QDQ graph (``QuantizeLinear`` / ``DequantizeLinear`` around the quantised
@@ -38,24 +38,37 @@ VALUE_FREE_OPS = ("Shape", "TopK", "ArgMax", "NonZero", "Size")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-def calibration_tiles(folder: str, tile: int, max_tiles: int) -> np.ndarray:
-    """Up to ``max_tiles`` (N, S, S, 3) uint8 RGB tiles cut from the images in ``folder``
-    (a grid of whole tiles per image, taken from the images in turn; an image smaller than a
-    tile is padded with black, as Deepness pads)."""
-    import cv2
+def calibration_tiles(
+    folder: str,
+    tile: int,
+    max_tiles: int,
+    model_bands: list[str] | None = None,
+    values: str | None = None,
+) -> np.ndarray:
+    """Up to ``max_tiles`` (N, S, S, C) tiles cut from the images in ``folder``, read as the
+    demo reads them for the model (:func:`~segclip_d2.raster.sources.open_source`: RGB 0..255
+    for an RGB model; an N-band model's ``model_bands`` by name, unscaled, given its card's
+    ``values``): a grid of whole tiles per image, taken from the images in turn; an image
+    smaller than a tile is padded with zeros, as Deepness pads with black."""
+    from segclip_d2.raster.sources import InputError, open_source
 
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise UserError(folder, f"has no images ({', '.join(IMAGE_SUFFIXES)}) to calibrate on")
     per_image = []
     for p in paths:
-        bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise UserError(str(p), "cannot be read as an image", "remove it from the folder")
-        rgb = bgr[:, :, ::-1]
-        h, w = max(rgb.shape[0], tile), max(rgb.shape[1], tile)
-        image = np.zeros((h, w, 3), np.uint8)
-        image[: rgb.shape[0], : rgb.shape[1]] = rgb
+        try:
+            src = open_source(p, None, model_bands, values)
+        except InputError as e:
+            what = str(e).removeprefix(f"{p}: ")
+            raise UserError(str(p), what, "remove it from the folder") from None
+        try:
+            pixels = src.read(0, 0, src.height, src.width)[0]  # (H, W, C)
+        finally:
+            src.close()
+        h, w = max(pixels.shape[0], tile), max(pixels.shape[1], tile)
+        image = np.zeros((h, w, pixels.shape[2]), pixels.dtype)
+        image[: pixels.shape[0], : pixels.shape[1]] = pixels
         per_image.append(
             [image[y : y + tile, x : x + tile]
              for y in range(0, h - tile + 1, tile) for x in range(0, w - tile + 1, tile)]
@@ -65,6 +78,8 @@ def calibration_tiles(folder: str, tile: int, max_tiles: int) -> np.ndarray:
         for group in per_image:
             if group and len(tiles) < max_tiles:
                 tiles.append(group.pop(0))
+    if len({t.dtype for t in tiles}) > 1:  # 8-bit and other files in one folder
+        tiles = [t.astype(np.float32) for t in tiles]
     return np.ascontiguousarray(np.stack(tiles))
 
 
@@ -72,7 +87,7 @@ class TileReader:
     """onnxruntime's CalibrationDataReader protocol over normalised tiles, one per batch."""
 
     def __init__(self, input_name: str, tiles: np.ndarray, mean: np.ndarray, std: np.ndarray):
-        x = (tiles.astype(np.float32) - mean) / std  # (N, S, S, 3)
+        x = (tiles.astype(np.float32) - mean) / std  # (N, S, S, C)
         self._batches = iter(np.ascontiguousarray(x.transpose(0, 3, 1, 2))[:, None])
         self.input_name = input_name
 

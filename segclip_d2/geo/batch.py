@@ -141,6 +141,25 @@ def expand_inputs(patterns, out_dir=None, is_output=None) -> tuple[list, list[tu
     return files, missing
 
 
+def check_band_choice(files: Sequence, bands, model_bands, values) -> None:
+    """Refuse the run (:class:`~segclip_d2.errors.UserError`: one line, exit 2, before anything
+    is written) when an input's bands cannot be matched to the model's without ``--bands``, or
+    ``--bands`` names a band an input lacks; decided from each file's header."""
+    from ..errors import UserError
+    from ..raster.sources import BandChoiceError, check_input_bands
+
+    bad = []
+    for path in files:
+        try:
+            check_input_bands(path, bands, model_bands, values)
+        except BandChoiceError as e:
+            bad.append((str(path), str(e).removeprefix(f"{path}: ")))
+    if bad:
+        path, what = bad[0]
+        more = f" (and {len(bad) - 1} more input(s) alike)" if len(bad) > 1 else ""
+        raise UserError(path, what + more)
+
+
 def _nothing_found(p: Path, pattern: str) -> str:
     from ..raster.sources import IMAGE_EXTS
 

@@ -63,6 +63,12 @@ class InputError(ValueError):
     """An input that cannot be used; the message names the file and the problem."""
 
 
+class BandChoiceError(InputError):
+    """The bands of an input cannot be matched to the model's without ``--bands`` (or the
+    ``--bands`` given do not exist in it): a usage problem, found from the header alone
+    (:func:`check_input_bands`), so a run refuses it before writing anything."""
+
+
 # Read through rasterio (window by window) besides GeoTIFFs: GDAL virtual mosaics.
 RASTER_EXTS = GEOTIFF_EXTS + (".vrt", ".jp2", ".j2k")
 
@@ -143,7 +149,9 @@ def _choose_bands(
         check_band_count(bands, None)
         bad = [b for b in bands if b > count]
         if bad:
-            raise InputError(f"{path}: --bands {list(bands)} but the image has {count} band(s)")
+            raise BandChoiceError(
+                f"{path}: --bands {list(bands)} but the image has {count} band(s)"
+            )
         alpha = alpha if alpha not in bands else None
         if len(bands) == 1:
             logger.warning("%s: band %d replicated to 3 grey channels", path, bands[0])
@@ -161,7 +169,7 @@ def _choose_bands(
         logger.warning("%s: single-band (grayscale) image replicated to 3 channels", path)
         return (data[0],) * 3, alpha
     tags = ", ".join(f"{i + 1}={c}" for i, c in enumerate(interp))
-    raise InputError(
+    raise BandChoiceError(
         f"{path}: {count} bands ({tags}) and no colour tags telling which are red, green and "
         "blue; choose three with --bands R,G,B (1-based, e.g. --bands 3,2,1 for B,G,R,NIR "
         "or --bands 2,3,4 for NIR,R,G,B)"
@@ -180,7 +188,9 @@ def _choose_model_bands(
     if bands is not None:
         check_band_count(bands, model_bands)
         if max(bands) > count:
-            raise InputError(f"{path}: --bands {list(bands)} but the image has {count} band(s)")
+            raise BandChoiceError(
+                f"{path}: --bands {list(bands)} but the image has {count} band(s)"
+            )
         return tuple(bands), alpha if alpha not in bands else None
     if all(m in names for m in model_bands):
         return tuple(names.index(m) + 1 for m in model_bands), alpha
@@ -189,7 +199,7 @@ def _choose_model_bands(
         logger.info("%s: %d unnamed bands used in file order as %s", path, n, list(model_bands))
         return tuple(data), alpha
     found = ", ".join(f"{i + 1}={c or 'unnamed'}" for i, c in enumerate(names))
-    raise InputError(
+    raise BandChoiceError(
         f"{path}: {count} band(s) ({found}) but the model reads {n} ({','.join(model_bands)}); "
         f"name them in the raster's band descriptions or choose {n} with --bands (1-based, "
         "in the model's order)"
@@ -586,6 +596,65 @@ def _palette_lut(ds) -> np.ndarray | None:
     for i, c in cmap.items():
         lut[i] = c
     return lut
+
+
+# PIL modes of ordinary image files -> the channels OpenCV decodes them to (other modes, e.g.
+# paletted "P" with or without transparency, are left to the full read).
+_PIL_MODE_BANDS = {"1": 1, "L": 1, "I": 1, "I;16": 1, "F": 1, "LA": 2, "RGB": 3, "RGBA": 4}
+
+
+def _header_band_names(path: str) -> tuple[int, list[str], list[str]] | None:
+    """(count, colour interpretations, band names) from the header of ``path`` without reading
+    pixels, or None when the header alone does not tell (or cannot be read: the full read
+    reports that)."""
+    if is_raster_path(path):
+        import rasterio
+
+        try:
+            with rasterio.open(path) as ds:
+                interp = [c.name for c in ds.colorinterp]
+                return ds.count, interp, _band_names(ds.descriptions, interp)
+        except rasterio.errors.RasterioError:
+            return None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            count = _PIL_MODE_BANDS.get(im.mode)
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+    if count is None:
+        return None
+    interp = _format_interp(count)
+    return count, interp, _band_names([None] * count, interp)
+
+
+def check_input_bands(
+    path: str | Path,
+    bands: Sequence[int] | None = None,
+    model_bands: Sequence[str] | None = None,
+    values: str | None = None,
+) -> None:
+    """:class:`BandChoiceError` when the bands of ``path`` cannot be chosen for the model (the
+    rules of :func:`open_source`), decided from the file's header only; missing, remote or
+    unreadable files pass here (their full read reports them)."""
+    path = str(path)
+    if is_remote(path) or not os.path.isfile(path):
+        return
+    header = _header_band_names(path)
+    if header is None:
+        return
+    count, interp, names = header
+    model = model_band_names(model_bands, values)
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # the full read logs the choice (grey replicated, ...)
+    try:
+        if model is not None:
+            _choose_model_bands(path, bands, names, model)
+        elif not (interp == ["palette"] and not bands):
+            _choose_bands(path, count, bands, interp)
+    finally:
+        logger.setLevel(level)
 
 
 def open_source(
