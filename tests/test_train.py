@@ -253,6 +253,14 @@ def test_train_net_main_end_to_end(tiny_synthetic, tmp_path):
     assert card["training"]["iteration"] == best["iteration"] and len(card["text_embeddings"]) == 7
     final = read_checkpoint(out / "model_final.pth")
     assert final["model_card"]["class_names"] == card["class_names"]
+    # model_final's card holds the final evaluation (of its own weights), so the export keeps it
+    from segclip_d2.deploy.export import export_card
+
+    metrics = final["model_card"]["metrics"]
+    assert metrics["sem_seg/mIoU"] == pytest.approx(results["sem_seg"]["mIoU"])
+    assert metrics["evaluated_at_iteration"] == final["model_card"]["training"]["iteration"] == 3
+    assert export_card(final["model_card"])["metrics"] == metrics
+    assert final["iteration"] == 3 and final["trainer"]["iteration"] == 3
 
     args = train_net.build_parser().parse_args(
         argv + ["--eval-only"] + common + ["MODEL.WEIGHTS", str(out / "model_best.pth")]

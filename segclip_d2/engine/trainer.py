@@ -175,6 +175,7 @@ class SegCLIPTrainer(DefaultTrainer):
         """
         self._run_loop(self.start_iter, self.max_iter)
         results = getattr(self, "_last_eval_results", None)
+        self._restamp_final_checkpoint()
         if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process() and results:
             verify_results(self.cfg, results)
         return results
@@ -197,6 +198,23 @@ class SegCLIPTrainer(DefaultTrainer):
                 self._after_failed_train()
                 raise
             self.after_train()
+
+    def _restamp_final_checkpoint(self) -> None:
+        """Write ``model_final.pth`` once more after the final evaluation, so its card carries
+        the metrics of its own weights: detectron2's checkpointer writes it before that
+        evaluation runs (so a crash there still leaves the weights), with the previous one."""
+        storage = getattr(self, "storage", None)
+        final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        if not comm.is_main_process() or storage is None or not os.path.isfile(final):
+            return
+        evaluated = [it for k, (_, it) in storage.latest().items() if k.startswith("sem_seg/")]
+        if not evaluated or max(evaluated) < self.max_iter:  # no evaluation after the save
+            return
+        self.iter = self.max_iter - 1  # the trainer state model_final was written with
+        try:
+            self.checkpointer.save("model_final", iteration=self.iter)
+        finally:
+            self.iter = self.max_iter
 
     def _after_failed_train(self) -> None:
         """``after_train`` of the hooks that neither checkpoint nor evaluate (timer, writers)."""
@@ -233,7 +251,8 @@ class SegCLIPTrainer(DefaultTrainer):
             for key, (value, it) in storage.latest().items():
                 if key.startswith("sem_seg/"):
                     metrics[key] = float(value)
-                    metrics["evaluated_at_iteration"] = int(it)
+                    # the final evaluation runs at max_iter, on the weights of max_iter - 1
+                    metrics["evaluated_at_iteration"] = min(int(it), self.max_iter - 1)
         if "best_metric" in extra:
             metrics[f"best {self.cfg.SOLVER.BEST_CHECKPOINT_METRIC}"] = float(extra["best_metric"])
         return build_model_card(
