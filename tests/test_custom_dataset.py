@@ -167,6 +167,47 @@ def expected_train_ids(stem: str) -> np.ndarray:
     return lut[lab]
 
 
+def test_sample_scenes_prepare_into_the_generators_labels(tmp_path):
+    """datasets/make_sample_scenes.py (4-band uint16 scenes + a GeoPackage, the own-data
+    walkthrough's input) through prepare_custom: the tiles hold the scenes' bands and the
+    rasterised polygons give the generator's labels back (outlines simplified by half a pixel:
+    a few boundary pixels may move)."""
+    import cv2
+
+    from segclip_d2.data.synthetic import generate_tile, tile_scene
+
+    spec = importlib.util.spec_from_file_location(
+        "make_sample_scenes", REPO / "datasets/make_sample_scenes.py"
+    )
+    samples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(samples)
+    src = tmp_path / "samples"
+    argv = ["--dst", str(src), "--scenes", "2", "--size", "128", "--unlabelled", "0"]
+    assert samples.main(argv) == 0
+    assert samples.run_main(samples.main, argv) == 2  # nothing overwritten
+    argv = ["--images", str(src / "scenes"), "--labels", str(src / "labels.gpkg"), "--classes",
+            str(src / "classes.yaml"), "--name", "smp", "--dst", str(tmp_path / "root"),
+            "--tile-size", "64"]  # fmt: skip
+    assert prepare_custom.main(argv) == 0
+    seeds = np.random.SeedSequence(0).spawn(3)
+    truth = [generate_tile(seeds[i], 128, tile_scene(i), nodata_prob=0.0, nir=True) for i in (0, 1)]
+    tiles = sorted((tmp_path / "root/smp").glob("*/labels/*.png"))
+    assert len(tiles) == 8
+    agree = []
+    for lab_path in tiles:
+        scene, y, x = lab_path.stem.rsplit("_", 2)
+        image, label = truth[int(scene[-1])]
+        y, x = int(y), int(x)
+        got = cv2.imread(str(lab_path), cv2.IMREAD_UNCHANGED)
+        agree.append((got == label[y : y + 64, x : x + 64]).mean())
+        with rasterio.open(lab_path.parents[1] / "images" / f"{lab_path.stem}.tif") as ds:
+            assert ds.descriptions == ("red", "green", "blue", "nir") and ds.dtypes[0] == "uint16"
+            bands = ds.read().transpose(1, 2, 0)
+        want = image[y : y + 64, x : x + 64].astype(np.uint16) * samples.UINT16_GAIN
+        np.testing.assert_array_equal(bands, want + samples.UINT16_OFFSET)
+    assert min(agree) > 0.95 and np.mean(agree) > 0.99, agree
+
+
 # --------------------------------------------------------------------------- label paths
 def test_vector_and_raster_labels_agree(tmp_path, scenes):
     gpkg = write_polygons(tmp_path / "labels.gpkg", 3)
