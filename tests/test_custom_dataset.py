@@ -484,3 +484,28 @@ def test_four_band_model_trains_and_evaluates(tmp_path, scenes):
     assert card["class_names"] == ["building", "tree", "water"]
     assert len(card["input"]["pixel_mean"]) == 4
     assert (out / "predictions").is_dir()
+
+
+@pytest.mark.slow
+def test_own_data_benchmark_script_runs_every_step(tmp_path):
+    """tools/benchmark_own_data.sh (the timed walkthrough) on 2 scenes of one ONNX tile (512 px),
+    2 iterations:
+    every step runs, and the demo and its ONNX run agree on the 4-band scene."""
+    work = tmp_path / "w"
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(REPO / "tools/benchmark_own_data.sh"), str(work), "2", "512", "2"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr + (work / "steps.log").read_text()
+    import re
+
+    steps = [m[1] for m in re.finditer(r"^(\w+) +[\d.]+ s$", proc.stdout, re.M)]
+    assert steps == ["samples", "prepare", "train", "evaluate", "demo", "export", "onnx_demo"]
+    assert "input (B, 4, 512, 512)" in proc.stdout and "resolution: 30.0 cm/px" in proc.stdout
+    [agree] = re.findall(r"^demo vs demo --onnx .*: ([\d.]+)% of pixels agree$", proc.stdout, re.M)
+    assert float(agree) >= 99
+    # a second run into the same folder is refused, nothing touched
+    again = subprocess.run(["bash", str(REPO / "tools/benchmark_own_data.sh"), str(work)],
+                           capture_output=True, text=True, env=env)  # fmt: skip
+    assert again.returncode == 2 and "already exists" in again.stderr
