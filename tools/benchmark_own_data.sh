@@ -68,7 +68,7 @@ work = sys.argv[1]
 with rasterio.open(f"{work}/pred/scene_0_pred.tif") as a, \
         rasterio.open(f"{work}/pred_onnx/scene_0_pred.tif") as b:
     pa, pb = a.read(1), b.read(1)
-    print(f"demo vs demo --onnx on scene_0 ({a.count} band, {a.width}x{a.height} px, "
+    print(f"demo vs demo --onnx, class maps of scene_0 ({a.width}x{a.height} px, "
           f"{a.crs}): {100 * (pa == pb).mean():.2f}% of pixels agree")
 EOF
 echo "CPU: $(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | xargs), $(getconf _NPROCESSORS_ONLN) cores"
