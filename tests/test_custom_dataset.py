@@ -503,7 +503,7 @@ def test_own_data_benchmark_script_runs_every_step(tmp_path):
     steps = [m[1] for m in re.finditer(r"^(\w+) +[\d.]+ s$", proc.stdout, re.M)]
     assert steps == ["samples", "prepare", "train", "evaluate", "demo", "export", "onnx_demo"]
     assert "input (B, 4, 512, 512)" in proc.stdout and "resolution: 30.0 cm/px" in proc.stdout
-    [agree] = re.findall(r"^demo vs demo --onnx .*: ([\d.]+)% of pixels agree$", proc.stdout, re.M)
+    [agree] = re.findall(r"^demo vs demo --onnx.*: ([\d.]+)% of pixels agree$", proc.stdout, re.M)
     assert float(agree) >= 99
     # a second run into the same folder is refused, nothing touched
     again = subprocess.run(["bash", str(REPO / "tools/benchmark_own_data.sh"), str(work)],
