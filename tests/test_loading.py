@@ -114,7 +114,8 @@ def test_check_finite_names_the_file_and_the_tensors():
 # ---------------------------------------------------------------------- configs
 def test_load_config_equals_detectron2_merge_of_every_config():
     """Parsing each file once with the safe loader and merging the mappings gives the config
-    detectron2's merge_from_file gives (which may run Python tags)."""
+    fvcore's own _BASE_ merge gives (``load_yaml_with_base`` with ``allow_unsafe=False``: safe
+    YAML there too, never the Python-tag fallback)."""
     from detectron2.config import get_cfg
 
     from segclip_d2.config import add_segclip_config, load_config
@@ -124,7 +125,8 @@ def test_load_config_equals_detectron2_merge_of_every_config():
     for path in files:
         ours = load_config(str(path))
         theirs = add_segclip_config(get_cfg())
-        theirs.merge_from_file(str(path))  # the reference reader, on the repo's own configs only
+        loaded = theirs.load_yaml_with_base(str(path), allow_unsafe=False)
+        theirs.merge_from_other_cfg(type(theirs)(loaded))
         assert ours.dump() == theirs.dump(), path
 
 

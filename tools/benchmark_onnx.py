@@ -139,7 +139,7 @@ def overlap_sweep(model: str, images: list, overlaps: list[float]) -> list[dict]
 def read_images(folder: str, bands=None, values=None) -> list:
     """The images of ``folder`` as the demo reads them for the model of ``bands``/``values``."""
     from segclip_d2.deploy.quantize import IMAGE_SUFFIXES
-    from segclip_d2.raster.sources import InputError, open_source
+    from segclip_d2.raster.sources import InputError, read_whole
 
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
@@ -147,13 +147,9 @@ def read_images(folder: str, bands=None, values=None) -> list:
     images = []
     for p in paths:
         try:
-            src = open_source(p, None, bands, values)
+            images.append(read_whole(p, None, bands, values))
         except InputError as e:
             raise UserError(str(p), str(e).removeprefix(f"{p}: ")) from None
-        try:
-            images.append(src.read(0, 0, src.height, src.width)[0].copy())
-        finally:
-            src.close()
     return images
 
 

@@ -199,26 +199,27 @@ def verification_image(cfg, path: str, size: int):
     return rgb, "synthetic aerial tile (seed 0)"
 
 
-def band_image(cfg, path: str, size: int):
-    """The verification image of an N-band model: ``path`` (its bands chosen by name, as the
-    demo chooses them), else the first test image, else a synthetic NIR tile."""
-    from segclip_d2.raster.sources import InputError, open_source
+def model_inputs(cfg) -> tuple[list[str], str]:
+    """The model's band names and what their values are (``utils.bands.input_values``)."""
     from segclip_d2.utils.bands import input_values
 
     bands = [str(b).lower() for b in cfg.INPUT.BANDS]
-    values = input_values(bands, cfg.MODEL.PIXEL_MEAN)
+    return bands, input_values(bands, cfg.MODEL.PIXEL_MEAN)
+
+
+def band_image(cfg, path: str, size: int):
+    """The verification image of an N-band model: ``path`` (its bands chosen by name, as the
+    demo chooses them), else the first test image, else a synthetic NIR tile."""
+    from segclip_d2.raster.sources import InputError, read_whole
+
+    bands, values = model_inputs(cfg)
     candidates = [path] if path else _first_test_image(cfg)
     for p in candidates:
         try:
-            src = open_source(p, None, bands, values)
+            return read_whole(p, None, bands, values), p
         except InputError as e:
             if path:
                 raise UserError(path, str(e).removeprefix(f"{path}: ")) from None
-            continue
-        try:
-            return src.read(0, 0, src.height, src.width)[0], p
-        finally:
-            src.close()
     from segclip_d2.data.synthetic import NIR_BANDS, generate_tile
 
     if bands != list(NIR_BANDS):
@@ -351,10 +352,8 @@ def calibration(args, cfg):
     """The int8 calibration tiles from ``--int8``, read with the model's bands (an N-band
     model's by name, as the demo reads them)."""
     from segclip_d2.deploy.quantize import calibration_tiles
-    from segclip_d2.utils.bands import input_values
 
-    bands = [str(b).lower() for b in cfg.INPUT.BANDS]
-    values = input_values(bands, cfg.MODEL.PIXEL_MEAN)
+    bands, values = model_inputs(cfg)
     return calibration_tiles(args.int8, args.tile_size, args.calibration_tiles, bands, values)
 
 

@@ -50,7 +50,7 @@ def calibration_tiles(
     for an RGB model; an N-band model's ``model_bands`` by name, unscaled, given its card's
     ``values``): a grid of whole tiles per image, taken from the images in turn; an image
     smaller than a tile is padded with zeros, as Deepness pads with black."""
-    from segclip_d2.raster.sources import InputError, open_source
+    from segclip_d2.raster.sources import InputError, read_whole
 
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
@@ -58,14 +58,10 @@ def calibration_tiles(
     per_image = []
     for p in paths:
         try:
-            src = open_source(p, None, model_bands, values)
+            pixels = read_whole(p, None, model_bands, values)  # (H, W, C)
         except InputError as e:
             what = str(e).removeprefix(f"{p}: ")
             raise UserError(str(p), what, "remove it from the folder") from None
-        try:
-            pixels = src.read(0, 0, src.height, src.width)[0]  # (H, W, C)
-        finally:
-            src.close()
         h, w = max(pixels.shape[0], tile), max(pixels.shape[1], tile)
         image = np.zeros((h, w, pixels.shape[2]), pixels.dtype)
         image[: pixels.shape[0], : pixels.shape[1]] = pixels

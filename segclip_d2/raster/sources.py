@@ -138,7 +138,11 @@ def apply_stretch(band: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def _choose_bands(
-    path: str, count: int, bands: Sequence[int] | None, interp: Sequence[str]
+    path: str,
+    count: int,
+    bands: Sequence[int] | None,
+    interp: Sequence[str],
+    log: logging.Logger = logger,
 ) -> tuple[tuple[int, ...], int | None]:
     """Pick (RGB band numbers, alpha band number or None) for a raster with ``count`` bands
     whose colour interpretations are ``interp`` ("red", "green", "blue", "alpha", "gray",
@@ -154,7 +158,7 @@ def _choose_bands(
             )
         alpha = alpha if alpha not in bands else None
         if len(bands) == 1:
-            logger.warning("%s: band %d replicated to 3 grey channels", path, bands[0])
+            log.warning("%s: band %d replicated to 3 grey channels", path, bands[0])
             return (bands[0],) * 3, alpha
         return tuple(bands), alpha
     if all(c in interp for c in ("red", "green", "blue")):
@@ -163,10 +167,10 @@ def _choose_bands(
     if len(data) == 3 and count == 3:  # three untagged bands: the usual RGB order
         return tuple(data), None
     if len(data) == 3 and alpha is not None:
-        logger.info("%s: bands %s untagged, used as R,G,B (band %d is alpha)", path, data, alpha)
+        log.info("%s: bands %s untagged, used as R,G,B (band %d is alpha)", path, data, alpha)
         return tuple(data), alpha
     if len(data) == 1:
-        logger.warning("%s: single-band (grayscale) image replicated to 3 channels", path)
+        log.warning("%s: single-band (grayscale) image replicated to 3 channels", path)
         return (data[0],) * 3, alpha
     tags = ", ".join(f"{i + 1}={c}" for i, c in enumerate(interp))
     raise BandChoiceError(
@@ -177,7 +181,11 @@ def _choose_bands(
 
 
 def _choose_model_bands(
-    path: str, bands: Sequence[int] | None, names: Sequence[str], model_bands: Sequence[str]
+    path: str,
+    bands: Sequence[int] | None,
+    names: Sequence[str],
+    model_bands: Sequence[str],
+    log: logging.Logger = logger,
 ) -> tuple[tuple[int, ...], int | None]:
     """Pick (band numbers in the model's order, alpha band number or None) for a model of the
     bands ``model_bands`` from a raster whose bands are named ``names`` (band description or
@@ -196,7 +204,7 @@ def _choose_model_bands(
         return tuple(names.index(m) + 1 for m in model_bands), alpha
     data = [i + 1 for i, c in enumerate(names) if c != "alpha"]
     if len(data) == n and not any(names[i - 1] for i in data):
-        logger.info("%s: %d unnamed bands used in file order as %s", path, n, list(model_bands))
+        log.info("%s: %d unnamed bands used in file order as %s", path, n, list(model_bands))
         return tuple(data), alpha
     found = ", ".join(f"{i + 1}={c or 'unnamed'}" for i, c in enumerate(names))
     raise BandChoiceError(
@@ -598,6 +606,9 @@ def _palette_lut(ds) -> np.ndarray | None:
     return lut
 
 
+# The band choosers' logger for header checks, whose choice the full read logs again.
+_SILENT = logging.getLogger(__name__ + ".header_check")
+_SILENT.disabled = True
 # PIL modes of ordinary image files -> the channels OpenCV decodes them to (other modes, e.g.
 # paletted "P" with or without transparency, are left to the full read).
 _PIL_MODE_BANDS = {"1": 1, "L": 1, "I": 1, "I;16": 1, "F": 1, "LA": 2, "RGB": 3, "RGBA": 4}
@@ -646,15 +657,25 @@ def check_input_bands(
         return
     count, interp, names = header
     model = model_band_names(model_bands, values)
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # the full read logs the choice (grey replicated, ...)
+    # silent: the full read logs the choice (grey replicated, ...)
+    if model is not None:
+        _choose_model_bands(path, bands, names, model, _SILENT)
+    elif not (interp == ["palette"] and not bands):
+        _choose_bands(path, count, bands, interp, _SILENT)
+
+
+def read_whole(
+    path: str | Path,
+    bands: Sequence[int] | None = None,
+    model_bands: Sequence[str] | None = None,
+    values: str | None = None,
+) -> np.ndarray:
+    """All pixels of ``path`` as :func:`open_source` gives them for the model: (H, W, C)."""
+    src = open_source(path, bands, model_bands, values)
     try:
-        if model is not None:
-            _choose_model_bands(path, bands, names, model)
-        elif not (interp == ["palette"] and not bands):
-            _choose_bands(path, count, bands, interp)
+        return np.array(src.read(0, 0, src.height, src.width)[0])
     finally:
-        logger.setLevel(level)
+        src.close()
 
 
 def open_source(
